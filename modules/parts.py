@@ -1,0 +1,141 @@
+"""Parts shared by many blocks, written once: global pooling operators, gates, the
+reduced width of a bottleneck, and argument checks with helpful messages.
+
+Blocks combine these instead of carrying their own copies, so that e.g. "max pooling"
+means the same thing in SE, CBAM and GC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import make_divisible
+from torch import Tensor
+
+
+def check_choice(key: str, value, choices: Iterable) -> None:
+    """Raise a ValueError naming ``key`` and the accepted values if ``value`` is not one."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not accepted; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_positive(key: str, value, integer: bool = False) -> None:
+    """Raise a ValueError naming ``key`` unless ``value`` is a number > 0 (an int if asked)."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        what = "a positive int" if integer else "a positive number"
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+def check_odd_kernel(key: str, value) -> None:
+    """Raise a ValueError naming ``key`` unless ``value`` is an odd positive int."""
+    check_positive(key, value, integer=True)
+    if value % 2 == 0:
+        raise ValueError(f"{key} must be odd so the output keeps its size, got {value}")
+
+
+# --- global (spatial) pooling: (B, C, H, W) -> (B, C, 1, 1) -------------------------
+
+
+def _lse_pool(x: Tensor) -> Tensor:
+    # log-sum-exp over positions, stabilised by the max as in CBAM's official code.
+    flat = x.flatten(2)
+    return torch.logsumexp(flat, dim=2)[..., None, None]
+
+
+def _std_pool(x: Tensor) -> Tensor:
+    # SRM's style statistic: per-channel standard deviation over positions.
+    return x.flatten(2).std(dim=2, unbiased=False)[..., None, None]
+
+
+GLOBAL_POOLS: dict[str, Callable[[Tensor], Tensor]] = {
+    "avg": lambda x: x.mean(dim=(2, 3), keepdim=True),
+    "max": lambda x: x.amax(dim=(2, 3), keepdim=True),
+    # L2-norm pooling, CBAM official code's 'lp' (F.lp_pool2d with p=2 over the whole map).
+    "lp": lambda x: x.pow(2).sum(dim=(2, 3), keepdim=True).sqrt(),
+    "lse": _lse_pool,
+    "std": _std_pool,
+}
+
+
+def global_pool(x: Tensor, kind: str) -> Tensor:
+    """Pool every channel over all positions with the named operator."""
+    return GLOBAL_POOLS[kind](x)
+
+
+def parse_pool_types(key: str, value: str | Iterable[str], choices: Iterable[str]) -> tuple[str, ...]:
+    """Accept ``'avg'``, ``'avg+max'``, ``'avgmax'`` or ``['avg', 'max']``; return a tuple.
+
+    Used by blocks that pool with several operators and combine the results.
+    """
+    choices = tuple(choices)
+    if isinstance(value, str):
+        parts = ["avg", "max"] if value in ("avgmax", "avg&max") else value.split("+")
+    else:
+        parts = list(value)
+    if not parts:
+        raise ValueError(f"{key} needs at least one pooling type out of {choices}")
+    for part in parts:
+        check_choice(key, part, choices)
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{key}={value!r} names a pooling type twice")
+    return tuple(parts)
+
+
+# --- channel pooling, for spatial attention: (B, C, H, W) -> (B, 1, H, W) ------------
+
+CHANNEL_POOLS: dict[str, Callable[[Tensor], Tensor]] = {
+    "avg": lambda x: x.mean(dim=1, keepdim=True),
+    "max": lambda x: x.amax(dim=1, keepdim=True),
+}
+
+
+# --- gates ----------------------------------------------------------------------------
+
+GATES: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "hard_sigmoid": F.hardsigmoid,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+}
+
+
+def get_gate(key: str, name: str) -> Callable[[Tensor], Tensor]:
+    """The gate function called ``name``; a ValueError naming ``key`` if unknown."""
+    check_choice(key, name, GATES)
+    return GATES[name]
+
+
+# --- reduction width ------------------------------------------------------------------
+
+
+def reduction_width(
+    channels: int,
+    rd_ratio: float = 1 / 16,
+    rd_divisor: int = 1,
+    rd_channels: int | None = None,
+    min_channels: int = 1,
+) -> int:
+    """Width of the bottleneck inside a channel-attention MLP.
+
+    Paper-faithful by default: ``channels * rd_ratio`` rounded down (SE's ``C // r``),
+    never below ``min_channels``. ``rd_divisor > 1`` gives timm's rounding to a multiple
+    (timm's own blocks use 8). ``rd_channels`` overrides everything with an exact width.
+    A ``rd_ratio`` above 1 is read as the paper's ``r`` (16 means 1/16).
+    """
+    if rd_channels is not None:
+        check_positive("rd_channels", rd_channels, integer=True)
+        return rd_channels
+    check_positive("rd_ratio", rd_ratio)
+    check_positive("rd_divisor", rd_divisor, integer=True)
+    ratio = 1.0 / rd_ratio if rd_ratio > 1 else rd_ratio
+    if rd_divisor == 1:
+        # floor(C * ratio) computed as C // r when the ratio is 1/r, avoiding 0.999.. errors
+        r = 1.0 / ratio
+        width = channels // round(r) if math.isclose(r, round(r)) else math.floor(channels * ratio)
+        return max(min_channels, width)
+    return make_divisible(channels * ratio, rd_divisor, min_value=max(min_channels, rd_divisor))
