@@ -1,5 +1,6 @@
 """Parts shared by many blocks, written once: global pooling operators, gates, the
-reduced width of a bottleneck, and argument checks with helpful messages.
+reduced width of a bottleneck, the excitation MLP, the arrangement of a channel and a
+spatial gate, and argument checks with helpful messages.
 
 Blocks combine these instead of carrying their own copies, so that e.g. "max pooling"
 means the same thing in SE, CBAM and GC.
@@ -13,14 +14,16 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from timm.layers import make_divisible
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_choice(key: str, value, choices: Iterable) -> None:
     """Raise a ValueError naming ``key`` and the accepted values if ``value`` is not one."""
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"{key}={value!r} is not accepted; choose one of {', '.join(map(repr, choices))}")
+        raise ValueError(
+            f"{key}={value!r} is not accepted; choose one of {', '.join(map(repr, choices))}"
+        )
 
 
 def check_positive(key: str, value, integer: bool = False) -> None:
@@ -67,7 +70,9 @@ def global_pool(x: Tensor, kind: str) -> Tensor:
     return GLOBAL_POOLS[kind](x)
 
 
-def parse_pool_types(key: str, value: str | Iterable[str], choices: Iterable[str]) -> tuple[str, ...]:
+def parse_pool_types(
+    key: str, value: str | Iterable[str], choices: Iterable[str]
+) -> tuple[str, ...]:
     """Accept ``'avg'``, ``'avg+max'``, ``'avgmax'`` or ``['avg', 'max']``; return a tuple.
 
     Used by blocks that pool with several operators and combine the results.
@@ -139,3 +144,48 @@ def reduction_width(
         width = channels // round(r) if math.isclose(r, round(r)) else math.floor(channels * ratio)
         return max(min_channels, width)
     return make_divisible(channels * ratio, rd_divisor, min_value=max(min_channels, rd_divisor))
+
+
+# --- excitation MLP -------------------------------------------------------------------
+
+
+class ChannelMLP(nn.Sequential):
+    """The excitation MLP of SE and CBAM: ``channels -> hidden -> channels`` with a ReLU.
+
+    Written as 1x1 convolutions so it maps pooled ``(B, C, 1, 1)`` descriptors without
+    reshaping; the parameter count equals that of the papers' fully connected layers.
+    """
+
+    def __init__(self, channels: int, hidden: int, bias: bool = True):
+        super().__init__(
+            nn.Conv2d(channels, hidden, 1, bias=bias),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=bias),
+        )
+
+
+# --- arrangement of a channel gate and a spatial gate -----------------------------------
+
+ARRANGEMENTS = ("channel_spatial", "spatial_channel", "parallel")
+
+
+def arrange(
+    x: Tensor,
+    channel_gate: Callable[[Tensor], Tensor],
+    spatial_gate: Callable[[Tensor], Tensor],
+    order: str,
+) -> Tensor:
+    """Refine ``x`` with a channel gate ``(B, C, 1, 1)`` and a spatial gate ``(B, 1, H, W)``.
+
+    Sequential orders (CBAM's Table 3) feed the map refined by the first gate to the
+    second; ``parallel`` computes both gates from ``x`` itself and applies their product,
+    so only what each gate sees changes between the three arrangements.
+    """
+    if order == "channel_spatial":
+        x = x * channel_gate(x)
+        return x * spatial_gate(x)
+    if order == "spatial_channel":
+        x = x * spatial_gate(x)
+        return x * channel_gate(x)
+    check_choice("order", order, ARRANGEMENTS)
+    return x * channel_gate(x) * spatial_gate(x)
