@@ -189,3 +189,28 @@ def arrange(
         return x * channel_gate(x)
     check_choice("order", order, ARRANGEMENTS)
     return x * channel_gate(x) * spatial_gate(x)
+
+
+# --- softmax attention with memory linear in the number of positions ---------------------
+
+
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """``softmax(q k^T * scale) v`` for ``q (B, N, E)``, ``k (B, M, E)``, ``v (B, M, Ev)``.
+
+    Runs through ``scaled_dot_product_attention`` so that fused kernels can avoid the
+    ``N x M`` matrix. Those kernels need one width for q, k and v, so the narrower side is
+    zero-padded: zero columns add nothing to ``q . k``, and padded output columns are
+    dropped. ``scale=None`` is ``1/sqrt(E)`` of the unpadded width (SDPA's default);
+    self-attention blocks in CNN papers (non-local, DANet) use ``scale=1.0``.
+    """
+    width, value_width = q.shape[-1], v.shape[-1]
+    if scale is None:
+        scale = width**-0.5
+    if width < value_width:
+        q = F.pad(q, (0, value_width - width))
+        k = F.pad(k, (0, value_width - width))
+    elif value_width < width:
+        v = F.pad(v, (0, width - value_width))
+    # one head: (B, 1, N, E)
+    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)
+    return out[:, 0, :, :value_width]
