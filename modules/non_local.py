@@ -1,0 +1,141 @@
+"""Non-local block.
+
+Wang et al., "Non-local Neural Networks", https://arxiv.org/abs/1711.07971
+
+    y_i = 1/C(x) sum_j f(x_i, x_j) g(x_j),     z_i = W_z y_i + x_i          (Eq. 1, 6)
+
+with ``g``, ``theta``, ``phi`` 1x1 convs to ``inter_channels`` (C/2 by default) and
+``W_z`` a 1x1 conv back to C followed by BatchNorm whose gamma starts at 0, so the block
+is the identity at initialisation (Sec. 3.3). ``pairwise`` picks f (Sec. 3.2):
+
+- "gaussian":          softmax_j(x_i . x_j)            on the raw input (no theta/phi)
+- "embedded_gaussian": softmax_j(theta_i . phi_j)      (the default, = self-attention)
+- "dot_product":       theta_i . phi_j / N
+- "concatenation":     ReLU(w^T [theta_i, phi_j]) / N
+
+N is the number of key positions. ``subsample`` is the paper's trick of a 2x2 max-pool
+after phi and g (on x itself for "gaussian"), which cuts the pairwise cost by 4.
+
+Memory: the softmax forms run through ``scaled_dot_product_attention`` (linear in H*W),
+"dot_product" is computed as ``theta (phi^T g) / N`` (exact by associativity, also
+linear), and only "concatenation" builds the N x N matrix, since its ReLU sits between
+the pairwise terms and the sum.
+
+Where it may go: the paper inserts non-local blocks between residual units (e.g. before
+the last unit of a stage); the block carries its own residual connection and is the
+identity at initialisation, so ``positions`` are "pre", "post" and "stage_end". Inside a
+residual branch it would nest a second skip connection in the branch.
+
+Differences from the official code (facebookresearch/video-nonlocal-net) and the paper:
+- The official config scales the embedded-Gaussian affinity by 1/sqrt(inter_channels)
+  (``USE_SCALE``); the paper has no scale. ``scaled=False`` (default) is the paper,
+  ``scaled=True`` the official code.
+- Biases that a following normalisation cancels exactly are left out, because they never
+  receive a gradient: phi's bias under a softmax over keys, and (for the softmax forms)
+  g's and W_z's biases before the BatchNorm, since softmax weights sum to one.
+- The official convs are initialised N(0, 0.01); here PyTorch's defaults are kept (the
+  zero BatchNorm gamma is what makes the block start as the identity either way).
+- The max-pool uses ``ceil_mode=True`` so odd maps (7x7) keep their border and a 1x1 map
+  still works; on even maps this is the paper's pooling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .parts import check_choice, check_positive, reduction_width, softmax_attention
+from .registry import register
+
+PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+SOFTMAX_PAIRWISE = ("gaussian", "embedded_gaussian")
+
+
+@register("non_local")
+class NonLocal(nn.Module):
+    """Non-local block, ``z = BN(W_z y) + x`` with BN gamma initialised to 0."""
+
+    positions = ("pre", "post", "stage_end")
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        pairwise: str = "embedded_gaussian",
+        rd_ratio: float = 1 / 2,
+        rd_divisor: int = 1,
+        inter_channels: int | None = None,
+        subsample: bool = True,
+        scaled: bool = False,
+    ):
+        super().__init__()
+        check_choice("pairwise", pairwise, PAIRWISE)
+        check_choice("subsample", subsample, (True, False))
+        check_choice("scaled", scaled, (True, False))
+        if scaled and pairwise not in SOFTMAX_PAIRWISE:
+            raise ValueError(
+                f"scaled=True only applies to pairwise in {SOFTMAX_PAIRWISE}, got {pairwise!r}"
+            )
+        if inter_channels is not None:
+            check_positive("inter_channels", inter_channels, integer=True)
+        inter = reduction_width(channels, rd_ratio, rd_divisor, inter_channels)
+        softmax = pairwise in SOFTMAX_PAIRWISE
+        self.pairwise = pairwise
+        self.subsample = subsample
+
+        self.g = nn.Conv2d(channels, inter, 1, bias=not softmax)
+        if pairwise == "gaussian":
+            self.theta = self.phi = None
+            query_width = channels
+        else:
+            self.theta = nn.Conv2d(channels, inter, 1)
+            self.phi = nn.Conv2d(channels, inter, 1, bias=not softmax)
+            query_width = inter
+        self.scale = query_width**-0.5 if scaled else 1.0
+        # w^T [theta_i, phi_j], kept as one vector of length 2 * inter as in the paper
+        self.concat = nn.Linear(2 * inter, 1, bias=False) if pairwise == "concatenation" else None
+        self.out = nn.Sequential(
+            nn.Conv2d(inter, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        nn.init.zeros_(self.out[1].weight)
+
+    def _pool(self, t: Tensor) -> Tensor:
+        return F.max_pool2d(t, 2, ceil_mode=True) if self.subsample else t
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries (B, N, E) and keys (B, M, E), keys subsampled if asked."""
+        if self.theta is None:
+            query, key = x, x
+        else:
+            query, key = self.theta(x), self.phi(x)
+        return query.flatten(2).transpose(1, 2), self._pool(key).flatten(2).transpose(1, 2)
+
+    def _pairwise(self, q: Tensor, k: Tensor) -> Tensor:
+        """The explicit (B, N, M) weights f(x_i, x_j) / C(x)."""
+        if self.pairwise in SOFTMAX_PAIRWISE:
+            return torch.softmax(q @ k.transpose(1, 2) * self.scale, dim=-1)
+        if self.pairwise == "dot_product":
+            return q @ k.transpose(1, 2) / k.shape[1]
+        w_query, w_key = self.concat.weight[0].chunk(2)  # (E,), (E,)
+        pair = (q @ w_query)[:, :, None] + (k @ w_key)[:, None, :]  # (B, N, M)
+        return F.relu(pair) / k.shape[1]
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """The (B, N, M) pairwise weights, for inspection; quadratic in H*W."""
+        return self._pairwise(*self._embed(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k = self._embed(x)  # (B, N, E), (B, M, E)
+        v = self._pool(self.g(x)).flatten(2).transpose(1, 2)  # (B, M, inter)
+        if self.pairwise in SOFTMAX_PAIRWISE:
+            y = softmax_attention(q, k, v, scale=self.scale)  # (B, N, inter)
+        elif self.pairwise == "dot_product":
+            # (E, inter) in the middle: never the N x M matrix
+            y = q @ (k.transpose(1, 2) @ v) / k.shape[1]
+        else:
+            y = self._pairwise(q, k) @ v
+        y = y.transpose(1, 2).reshape(B, -1, H, W)  # (B, inter, H, W)
+        return x + self.out(y)
