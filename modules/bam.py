@@ -25,6 +25,8 @@ Differences from the official code (Jongchan/attention-module, ``MODELS/bam.py``
   ``combine="sum"`` (default) is the paper, ``combine="product"`` the official code.
 - The official branches end in a plain linear/conv layer, without the paper's final BN;
   ``output_bn=False`` reproduces the official code.
+- Every conv/linear bias directly before a BN is left out: the BN subtracts it again, so
+  it would never receive a gradient (the official code has them).
 - The channel MLP is written with 1x1 convs and BatchNorm2d on (B, C, 1, 1) tensors,
   which equals the official Linear + BatchNorm1d (same parameters).
 - Like the official code, the BNs in the channel branch normalise over the batch only,
@@ -46,7 +48,8 @@ COMBINES = ("sum", "product")
 def _conv_bn_relu(cin: int, cout: int, kernel_size: int = 1, dilation: int = 1) -> list:
     padding = dilation * (kernel_size // 2)
     return [
-        nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation),
+        # no bias: the BN right after cancels it
+        nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     ]
@@ -88,7 +91,7 @@ class BottleneckAttention(nn.Module):
         self.channel_branch = None
         if mode in ("both", "channel"):
             layers = [nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(channels, width)]
-            layers.append(nn.Conv2d(width, channels, 1))
+            layers.append(nn.Conv2d(width, channels, 1, bias=not output_bn))
             if output_bn:
                 layers.append(nn.BatchNorm2d(channels))
             self.channel_branch = nn.Sequential(*layers)
@@ -98,7 +101,7 @@ class BottleneckAttention(nn.Module):
             layers = _conv_bn_relu(channels, width)
             for _ in range(num_dilated_convs):
                 layers += _conv_bn_relu(width, width, kernel_size=3, dilation=dilation)
-            layers.append(nn.Conv2d(width, 1, 1))
+            layers.append(nn.Conv2d(width, 1, 1, bias=not output_bn))
             if output_bn:
                 layers.append(nn.BatchNorm2d(1))
             self.spatial_branch = nn.Sequential(*layers)

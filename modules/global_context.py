@@ -23,6 +23,8 @@ Differences from the official code (mmcv ``ContextBlock``), all deliberate:
 - Initialisation follows the official code: the last conv of every transform is zero
   (``last_zero_init``), so an "add" block starts as the identity and a "scale" block
   starts as a constant gate of sigmoid(0) = 0.5; the key conv is Kaiming (fan_in).
+- With ``layer_norm`` the bottleneck is at least 2 wide (C/r would be 1 for C < 32, and
+  LayerNorm over one value ignores its input); only narrow CIFAR stages are affected.
 - SNL has no official code; it reuses GC's attention pooling with a single C -> C 1x1
   conv ``W_v`` (with bias), zero-initialised like GC's transforms so it also starts as
   the identity.
@@ -101,7 +103,10 @@ class GlobalContext(nn.Module):
         check_choice("pooling", pooling, POOLINGS)
         check_choice("layer_norm", layer_norm, (True, False))
         fusions = _parse_fusion(fusion)
-        width = reduction_width(channels, rd_ratio, rd_divisor, rd_channels)
+        # LayerNorm over a single value outputs its bias whatever the input, which would cut
+        # the context off; with layer_norm the bottleneck is therefore at least 2 wide.
+        min_width = 2 if layer_norm else 1
+        width = reduction_width(channels, rd_ratio, rd_divisor, rd_channels, min_width)
         self.pool = AttentionPool(channels) if pooling == "attention" else None
         self.scale = _bottleneck(channels, width, layer_norm) if "scale" in fusions else None
         self.add = _bottleneck(channels, width, layer_norm) if "add" in fusions else None

@@ -200,8 +200,9 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     Runs through ``scaled_dot_product_attention`` so that fused kernels can avoid the
     ``N x M`` matrix. Those kernels need one width for q, k and v, so the narrower side is
     zero-padded: zero columns add nothing to ``q . k``, and padded output columns are
-    dropped. ``scale=None`` is ``1/sqrt(E)`` of the unpadded width (SDPA's default);
-    self-attention blocks in CNN papers (non-local, DANet) use ``scale=1.0``.
+    dropped. Inputs may be strided views; they are copied to contiguous memory (linear).
+    ``scale=None`` is ``1/sqrt(E)`` of the unpadded width (SDPA's default); self-attention
+    blocks in CNN papers (non-local, DANet) use ``scale=1.0``.
     """
     width, value_width = q.shape[-1], v.shape[-1]
     if scale is None:
@@ -211,6 +212,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
         k = F.pad(k, (0, value_width - width))
     elif value_width < width:
         v = F.pad(v, (0, width - value_width))
-    # one head: (B, 1, N, E)
-    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)
+    # one head, (B, 1, N, E); the fused CPU kernel also wants the last dim contiguous,
+    # which channel-first feature maps read as tokens are not
+    q, k, v = (t.contiguous()[:, None] for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out[:, 0, :, :value_width]
