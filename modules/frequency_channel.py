@@ -15,6 +15,9 @@ pooling times ``sqrt(HW)`` (the paper's point that GAP is the lowest DCT frequen
 ``low{...}`` and ``bot{...}``, the first n entries of the official index tables below,
 defined on a 7x7 frequency grid (index 0 = first spatial axis H, 1 = W). ``rd_ratio``,
 ``rd_divisor``, ``rd_channels`` as in SE (``parts.reduction_width``; official ``C // 16``).
+``bias`` adds biases to the two FC layers (SE has them; the official FcaNet has none, the
+default). Without biases a width-1 hidden layer (16 channels at ``rd_ratio=1/16``) whose
+ReLU is off for a whole batch passes no gradient to either layer.
 
 Differences from the official code, by choice:
 - Any feature-map size. The official block fixes ``dct_h x dct_w`` per stage (56/28/14/7 on
@@ -106,8 +109,11 @@ class FrequencyChannelAttention(nn.Module):
         rd_ratio: float = 1 / 16,
         rd_divisor: int = 1,
         rd_channels: int | None = None,
+        bias: bool = False,
     ):
         super().__init__()
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias must be True or False, got {bias!r}")
         self.freq_sel = freq_sel
         self.freqs = frequency_indices(freq_sel)
         if len(self.freqs) > channels:
@@ -119,7 +125,7 @@ class FrequencyChannelAttention(nn.Module):
         self.register_buffer(
             "channel_group", torch.arange(channels) * len(self.freqs) // channels, persistent=False
         )
-        self.fc = ChannelMLP(channels, self.rd_channels, bias=False)
+        self.fc = ChannelMLP(channels, self.rd_channels, bias=bias)
         self._filters: dict[tuple, Tensor] = {}
 
     def channel_filters(self, height: int, width: int, like: Tensor) -> Tensor:

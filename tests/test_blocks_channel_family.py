@@ -34,7 +34,7 @@ CASES = [
     ("fca", {}),
     ("fca", {"freq_sel": "low4", "rd_ratio": 1 / 8}),
     ("fca", {"freq_sel": "bot32", "rd_channels": 4}),
-    ("fca", {"freq_sel": "top1", "rd_divisor": 8}),
+    ("fca", {"freq_sel": "top1", "rd_divisor": 8, "bias": True}),
     ("enc", {}),
     ("enc", {"num_codes": 8, "rd_ratio": 1 / 4}),
     ("enc", {"aggregate": "concat", "num_codes": 16, "rd_ratio": 1 / 4}),
@@ -315,6 +315,7 @@ def test_fca_parameter_count():
     # SE's MLP without biases: 2 * C * C // 16.
     assert n_params(build_attention("fca", 64)) == 2 * 64 * 4
     assert n_params(build_attention("fca", 64, rd_ratio=1 / 4)) == 2 * 64 * 16
+    assert n_params(build_attention("fca", 64, bias=True)) == 2 * 64 * 4 + 4 + 64
 
 
 # --- EncNet ------------------------------------------------------------------------------
@@ -403,6 +404,7 @@ BAD = [
     ("fca", 16, {"freq_sel": "top32"}, "freq_sel"),
     ("fca", 32, {"rd_ratio": 0}, "rd_ratio"),
     ("fca", 32, {"rd_divisor": 0}, "rd_divisor"),
+    ("fca", 32, {"bias": "yes"}, "bias"),
     ("enc", 32, {"num_codes": 0}, "num_codes"),
     ("enc", 32, {"aggregate": "sum"}, "aggregate"),
     ("enc", 32, {"projection": "no"}, "projection"),
