@@ -10,7 +10,7 @@ query position, so it computes ONE query-independent context vector per image:
     SNL:  z_i = x_i + W_v context                                  (paper Eq. 3, Fig. 4b)
     GC:   z_i = x_i + W_v2 ReLU(LN(W_v1 context))                  (paper Eq. 4, Fig. 4d)
 
-``gc`` exposes the ablations of the paper's Table 2: ``pooling`` ("attention" or "avg",
+``gc`` exposes the paper's ablations (Tables 2 and 4): ``pooling`` ("attention" or "avg",
 the latter making GC an SE-like block), the bottleneck width ``rd_ratio`` (r=16 by
 default), ``layer_norm`` (LayerNorm over ``[C/r, 1, 1]`` before the ReLU), and
 ``fusion``: "add" (the paper's choice), "scale" (``x * sigmoid(transform)``, SE-style)

@@ -6,7 +6,8 @@ Wang et al., "Non-local Neural Networks", https://arxiv.org/abs/1711.07971
 
 with ``g``, ``theta``, ``phi`` 1x1 convs to ``inter_channels`` (C/2 by default) and
 ``W_z`` a 1x1 conv back to C followed by BatchNorm whose gamma starts at 0, so the block
-is the identity at initialisation (Sec. 3.3). ``pairwise`` picks f (Sec. 3.2):
+is the identity at initialisation (as in the paper's implementation details).
+``pairwise`` picks f (Sec. 3.2):
 
 - "gaussian":          softmax_j(x_i . x_j)            on the raw input (no theta/phi)
 - "embedded_gaussian": softmax_j(theta_i . phi_j)      (the default, = self-attention)
@@ -14,7 +15,8 @@ is the identity at initialisation (Sec. 3.3). ``pairwise`` picks f (Sec. 3.2):
 - "concatenation":     ReLU(w^T [theta_i, phi_j]) / N
 
 N is the number of key positions. ``subsample`` is the paper's trick of a 2x2 max-pool
-after phi and g (on x itself for "gaussian"), which cuts the pairwise cost by 4.
+after phi and g (on x itself for "gaussian"), which cuts the pairwise cost by 4; it is
+on by default, as in the official code.
 
 Memory: the softmax forms run through ``scaled_dot_product_attention`` (linear in H*W),
 "dot_product" is computed as ``theta (phi^T g) / N`` (exact by associativity, also
