@@ -16,14 +16,15 @@ capped at C) or ``rd_ratio`` (c' = reduction_width(C, rd_ratio) instead of a fix
 Where this follows the official code rather than the paper's text: the leading ReLU on the
 block input (the official block sees the pre-residual BN output and rectifies it first,
 ``input_relu=True``); the order conv -> BN -> ReLU before the covariance; BN on the rows of
-the covariance (the paper's "row-wise normalization"); NO non-linearity between the
-row-wise conv and the final 1x1 conv (the channel branch of the official code has none;
-its spatial branch does). Differences from the official code: the official code reduces
-with stride 2 in stage 1 (``planes <= 64``) to save compute; here that is
-``reduce_stride`` (default 1 everywhere; set it per stage with the injector's
-``stage_args``). The covariance is computed by centring the features and one batched
-matmul instead of MPN-COV's ``X I_hat X^T`` with an explicit ``N x N`` centring matrix (the
-same values, without the ``N x N`` matrix).
+the covariance (which we take to be the paper's "row-wise normalization"); NO
+non-linearity between the row-wise conv and the final 1x1 conv (the channel branch of the
+official code has none; its spatial branch does).
+
+Differences from the official code: the official code reduces with stride 2 in stage 1
+(``planes <= 64``) to save compute; here that is ``reduce_stride`` (default 1 everywhere;
+set it per stage with the injector's ``stage_args``). The covariance is computed by centring
+the features and one batched matmul instead of MPN-COV's ``X I_hat X^T`` with an explicit
+``N x N`` centring matrix (the same values, without the ``N x N`` matrix).
 
 Bilinear (``"bilinear"``): OUR READING of "second-order / bilinear channel attention" as
 surveyed by Guo et al., "Attention Mechanisms in Computer Vision: A Survey", 2022,
