@@ -1,0 +1,485 @@
+"""Injection of attention blocks into timm ResNets (BasicBlock and Bottleneck).
+
+A placement says which registered block goes where::
+
+    {"block": "cbam", "stages": [1, 2, 3, 4], "blocks": "all", "position": "residual",
+     "args": {"rd_ratio": 1 / 16}, "stage_args": {4: {"kernel_size": 7}}}
+
+Positions, relative to one residual unit ``out = act(F(x) + S(x))``:
+
+- ``residual``: on F(x) after its last norm, before the addition (SENet/CBAM standard;
+  timm's ``se`` slot).
+- ``pre``: on the input of F only; the shortcut sees the unmodified x (SE-PRE).
+- ``post``: on ``out``, after the addition and the final activation (SE-POST).
+- ``identity``: on S(x), after the projection where there is one (SE-Identity).
+- ``after_conv1`` / ``after_conv2``: inside F, after the first / second convolution's norm
+  and activation (``after_conv2`` exists only in a Bottleneck).
+- ``stage_end``: once after the last unit of a stage.
+
+Blocks are added by wrapping the unit's own submodules (``se``, ``conv1``, ``act1``,
+``act2``/``act3``, ``downsample``) in ``WithAttention``, never by rewriting timm's forward.
+Every injected block lives at a path ``layer<stage>.<...>.attention.<i>``, so a profiler
+finds the blocks by type (``attention_modules``) and their stage by the path's first part.
+Everything is validated (keys, names, stages, indices, positions, argument names and values)
+before the model is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .backbones import BackboneSpec, StageSpec, backbone_spec, describe_backbone, residual_units
+from .registry import (
+    POSITIONS,
+    available,
+    block_class,
+    block_positions,
+    build_attention,
+    check_arguments,
+)
+
+PLACEMENT_KEYS = ("block", "stages", "blocks", "position", "args", "stage_args")
+BLOCK_CHOICES = ("all", "first", "last")
+
+# The unit's submodule each position wraps, and whether the attention runs before it.
+_SITES: dict[str, dict[str, tuple[str, bool]]] = {
+    "basic": {
+        "residual": ("se", False),
+        "pre": ("conv1", True),
+        "after_conv1": ("act1", False),
+        "post": ("act2", False),
+        "identity": ("downsample", False),
+    },
+    "bottleneck": {
+        "residual": ("se", False),
+        "pre": ("conv1", True),
+        "after_conv1": ("act1", False),
+        "after_conv2": ("act2", False),
+        "post": ("act3", False),
+        "identity": ("downsample", False),
+    },
+}
+
+
+class WithAttention(nn.Module):
+    """``layer`` (possibly None, i.e. identity) with attention blocks run before or after it."""
+
+    def __init__(self, layer: nn.Module | None, before: bool):
+        super().__init__()
+        self.layer = layer
+        self.before = before
+        self.attention = nn.Sequential()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            return self.attention(x)
+        if self.before:
+            return self.layer(self.attention(x))
+        return self.attention(self.layer(x))
+
+    def extra_repr(self) -> str:
+        return "attention before layer" if self.before else "attention after layer"
+
+
+@dataclass(frozen=True)
+class InjectedBlock:
+    """One row of the summary: one block instance in the model."""
+
+    placement: int  # index in the list of placements
+    block: str
+    stage: int
+    block_index: int | None  # None for stage_end
+    position: str
+    channels: int
+    params: int
+    path: str
+
+
+class InjectionSummary(list):
+    """The rows ``inject`` returns (a list of ``InjectedBlock``), with totals and a table."""
+
+    def total_params(self) -> int:
+        return sum(row.params for row in self)
+
+    def params_by_stage(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for row in self:
+            key = f"layer{row.stage}"
+            totals[key] = totals.get(key, 0) + row.params
+        return totals
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(row) for row in self]
+
+    def table(self) -> str:
+        """Rows that differ only in the unit index are merged into one line."""
+        groups: list[list[InjectedBlock]] = []
+        for row in self:
+            if groups and row.block_index is not None and _group(groups[-1][0]) == _group(row):
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        header = ("#", "block", "stage", "units", "position", "channels", "params", "n", "total")
+        lines = [header]
+        for group in groups:
+            first = group[0]
+            units = _index_ranges([r.block_index for r in group])
+            lines.append(
+                (
+                    str(first.placement),
+                    first.block,
+                    f"layer{first.stage}",
+                    units,
+                    first.position,
+                    str(first.channels),
+                    f"{first.params:,}",
+                    str(len(group)),
+                    f"{first.params * len(group):,}",
+                )
+            )
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = [
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
+        ]
+        text.append(f"attention parameters: {self.total_params():,} in {len(self)} blocks")
+        return "\n".join(text)
+
+
+def _group(row: InjectedBlock) -> tuple:
+    return (row.placement, row.block, row.stage, row.position, row.channels, row.params)
+
+
+def _index_ranges(indices: list[int | None]) -> str:
+    if indices == [None]:
+        return "end"
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+# --- validation ----------------------------------------------------------------------
+
+
+def _plain(value):
+    """Plain dicts and lists out of any Mapping/Sequence (e.g. OmegaConf containers)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        converted = [_plain(item) for item in value]
+        return tuple(converted) if isinstance(value, tuple) else converted
+    return value
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _closest(word, choices) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _spec(backbone) -> BackboneSpec:
+    if isinstance(backbone, BackboneSpec):
+        return backbone
+    if isinstance(backbone, str):
+        return backbone_spec(backbone)
+    if isinstance(backbone, nn.Module):
+        return describe_backbone(backbone)
+    raise ValueError(
+        f"backbone must be a backbone name, a BackboneSpec or a built timm ResNet, "
+        f"got {type(backbone).__name__}"
+    )
+
+
+def _stages(where: str, value, spec: BackboneSpec) -> list[int]:
+    n = spec.num_stages
+    accepted = f"'all', or 1-based stage numbers 1..{n} ({spec.name} has {n} stages)"
+    if value == "all":
+        return list(range(1, n + 1))
+    items = [value] if _is_index(value) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"{where}: stages={value!r} is not accepted; use {accepted}")
+    for stage in items:
+        if not _is_index(stage) or not 1 <= stage <= n:
+            raise ValueError(f"{where}: stage {stage!r} is out of range; use {accepted}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{where}: stages={value!r} names a stage twice")
+    return sorted(items)
+
+
+def _blocks(where: str, value):
+    accepted = "'all', 'first', 'last', or a list of 0-based unit indices (negative from the end)"
+    if value in BLOCK_CHOICES:
+        return value
+    items = [value] if _is_index(value) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"{where}: blocks={value!r} is not accepted; use {accepted}")
+    if not all(_is_index(i) for i in items):
+        raise ValueError(f"{where}: blocks={value!r} is not accepted; use {accepted}")
+    return list(items)
+
+
+def _unit_indices(where: str, blocks, stage: StageSpec) -> list[int]:
+    n = stage.num_blocks
+    if blocks == "all":
+        return list(range(n))
+    if blocks == "first":
+        return [0]
+    if blocks == "last":
+        return [n - 1]
+    resolved = []
+    for i in blocks:
+        if not -n <= i < n:
+            raise ValueError(
+                f"{where}: block index {i} is out of range for stage {stage.index}, which has "
+                f"{n} blocks (use 0..{n - 1} or -{n}..-1)"
+            )
+        resolved.append(i % n)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"{where}: blocks={blocks!r} names a block of stage {stage.index} twice")
+    return sorted(resolved)
+
+
+def _channels(stage: StageSpec, position: str, unit: int | None) -> int:
+    if position == "pre":
+        return stage.in_channels[unit]
+    if position in ("after_conv1", "after_conv2"):
+        return stage.width
+    return stage.out_channels
+
+
+@dataclass(frozen=True)
+class _Site:
+    placement: int
+    block: str
+    stage: StageSpec
+    unit: int | None
+    position: str
+    channels: int
+    args: dict
+
+
+def _normalise(index: int, raw, spec: BackboneSpec, prefix: str) -> tuple[dict, list[_Site]]:
+    head = where = f"{prefix}[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"{where}: a placement must be a mapping with keys {', '.join(PLACEMENT_KEYS)}, "
+            f"got {type(raw).__name__}"
+        )
+    placement = _plain(raw)
+    for key in placement:
+        if key not in PLACEMENT_KEYS:
+            raise ValueError(
+                f"{where}: unknown key {key!r}{_closest(key, PLACEMENT_KEYS)}; "
+                f"accepted: {', '.join(PLACEMENT_KEYS)}"
+            )
+    if "block" not in placement:
+        raise ValueError(f"{where}: 'block' is required; one of {', '.join(available())}")
+    name = placement["block"]
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: block must be a name, one of {', '.join(available())}")
+    try:
+        block_class(name)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    where = f"{where} ({name})"
+
+    position = placement.get("position", "residual")
+    if position not in POSITIONS:
+        raise ValueError(
+            f"{where}: position={position!r} is not accepted{_closest(position, POSITIONS)}; "
+            f"choose one of {', '.join(POSITIONS)}"
+        )
+    allowed = block_positions(name)
+    if position not in allowed:
+        raise ValueError(
+            f"{where}: block {name!r} cannot be placed at position {position!r}; "
+            f"it allows {', '.join(allowed)}"
+        )
+
+    stages = _stages(where, placement.get("stages", "all"), spec)
+    blocks = _blocks(where, placement.get("blocks", "all"))
+    if position == "stage_end" and blocks != "all":
+        raise ValueError(
+            f"{where}: position 'stage_end' places one block after each stage's last unit, "
+            f"so blocks must be 'all', got {blocks!r}"
+        )
+
+    args = placement.get("args") or {}
+    raw_stage_args = placement.get("stage_args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}: args must be a mapping of block arguments, got {args!r}")
+    if not isinstance(raw_stage_args, dict):
+        raise ValueError(
+            f"{where}: stage_args must map stage numbers to argument mappings, "
+            f"got {raw_stage_args!r}"
+        )
+    stage_args = {}
+    for key, overrides in raw_stage_args.items():
+        stage = int(key) if isinstance(key, str) and key.isdigit() else key
+        if stage not in stages:
+            raise ValueError(
+                f"{where}: stage_args has stage {key!r}, which is not among its stages "
+                f"{stages}; use one of those"
+            )
+        if not isinstance(overrides, dict):
+            raise ValueError(
+                f"{where}: stage_args[{stage}] must be a mapping of block arguments, "
+                f"got {overrides!r}"
+            )
+        stage_args[stage] = overrides
+    try:
+        check_arguments(name, args)
+        for overrides in stage_args.values():
+            check_arguments(name, overrides)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+    sites = []
+    for stage_number in stages:
+        stage = spec.stages[stage_number - 1]
+        stage_where = f"{head} ({name}, stage {stage_number})"
+        if position == "after_conv2" and stage.block == "basic":
+            raise ValueError(
+                f"{stage_where}: position 'after_conv2' needs a Bottleneck, but stage "
+                f"{stage_number} of {spec.name} has BasicBlocks, whose second convolution "
+                f"ends the residual branch; use position 'residual'"
+            )
+        units = [None] if position == "stage_end" else _unit_indices(stage_where, blocks, stage)
+        merged = {**args, **stage_args.get(stage_number, {})}
+        sites += [
+            _Site(index, name, stage, u, position, _channels(stage, position, u), merged)
+            for u in units
+        ]
+    normalised = {
+        "block": name,
+        "stages": stages,
+        "blocks": blocks,
+        "position": position,
+        "args": args,
+        "stage_args": stage_args,
+    }
+    return normalised, sites
+
+
+def _check_values(sites: list[_Site], prefix: str) -> None:
+    """Build each distinct (block, channels, arguments) once, so that a bad argument value
+    is reported with its placement before the model is touched."""
+    seen = set()
+    # Throwaway builds must not shift the random stream that initialises the real blocks.
+    with torch.random.fork_rng(devices=[]):
+        for site in sites:
+            key = (site.block, site.channels, repr(sorted(site.args.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                build_attention(site.block, site.channels, **site.args)
+            except (ValueError, TypeError) as err:
+                raise ValueError(
+                    f"{prefix}[{site.placement}] ({site.block}, stage {site.stage.index}): {err}"
+                ) from None
+
+
+def _plan(placements, backbone, prefix: str) -> tuple[list[dict], list[_Site]]:
+    spec = _spec(backbone)
+    if placements is None:
+        return [], []
+    if isinstance(placements, Mapping):
+        placements = [placements]
+    if isinstance(placements, (str, bytes)) or not isinstance(placements, Sequence):
+        raise ValueError(
+            f"{prefix} must be a list of placements (mappings), got {type(placements).__name__}"
+        )
+    normalised, sites = [], []
+    for index, raw in enumerate(placements):
+        placement, placement_sites = _normalise(index, raw, spec, prefix)
+        normalised.append(placement)
+        sites += placement_sites
+    _check_values(sites, prefix)
+    return normalised, sites
+
+
+def validate_placements(placements, backbone, prefix: str = "attention") -> list[dict]:
+    """Check a list of placements against a backbone (a name from ``backbone_names()``, a
+    ``BackboneSpec`` or a built timm ResNet, which is only read) and return them normalised:
+    plain dicts with every key present, ``stages`` as a sorted list of ints and
+    ``stage_args`` keyed by int. Raises a ValueError naming the placement and the key."""
+    return _plan(placements, backbone, prefix)[0]
+
+
+# --- injection -----------------------------------------------------------------------
+
+
+def _attach(model: nn.Module, site: _Site, block: nn.Module) -> str:
+    """Put ``block`` at ``site`` and return its path in the model."""
+    stage = getattr(model, site.stage.name)
+    if site.position == "stage_end":
+        if not hasattr(stage, "attention"):
+            stage.add_module("attention", nn.Sequential())
+        stage.attention.append(block)
+        return f"{site.stage.name}.attention.{len(stage.attention) - 1}"
+    unit = residual_units(stage)[site.unit]
+    attr, before = _SITES[site.stage.block][site.position]
+    holder = getattr(unit, attr)
+    if not isinstance(holder, WithAttention):
+        holder = WithAttention(holder, before)
+        setattr(unit, attr, holder)
+    holder.attention.append(block)
+    unit_path = next(name for name, m in stage.named_children() if m is unit)
+    return f"{site.stage.name}.{unit_path}.{attr}.attention.{len(holder.attention) - 1}"
+
+
+def inject(model: nn.Module, placements, prefix: str = "attention") -> InjectionSummary:
+    """Add the attention blocks of ``placements`` to a built timm ResNet, in list order
+    (several blocks at one spot run in that order), and return what went where.
+
+    Nothing is changed unless every placement is valid. New blocks take the model's
+    device, dtype and train/eval mode.
+    """
+    _, sites = _plan(placements, model, prefix)
+    reference = next(model.parameters(), None)
+    summary = InjectionSummary()
+    for site in sites:
+        block = build_attention(site.block, site.channels, **site.args)
+        if reference is not None:
+            block.to(device=reference.device, dtype=reference.dtype)
+        block.train(model.training)
+        path = _attach(model, site, block)
+        params = sum(p.numel() for p in block.parameters())
+        summary.append(
+            InjectedBlock(
+                site.placement,
+                site.block,
+                site.stage.index,
+                site.unit,
+                site.position,
+                site.channels,
+                params,
+                path,
+            )
+        )
+    return summary
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every registered attention block in ``model``, outermost only."""
+    classes = tuple(block_class(name) for name in available())
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, classes) and not any(
+            path.startswith(outer + ".") for outer, _ in found
+        ):
+            found.append((path, module))
+    return found
