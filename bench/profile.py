@@ -11,7 +11,8 @@ Units (per image, at the given input size):
   MAC-equivalent per element of its largest tensor (input or output): activations,
   gating multiplies, residual adds, norms, softmax, pooling and reductions. A global
   average pool over a (C, H, W) map costs C*H*W, a sigmoid gate on it C*H*W, a 3x3 max
-  pool its input size. Data movement (views, cat, copies, allocation) is free.
+  pool its input size. Data movement (views, cat, copies, allocation) is free, and bias
+  additions folded into a conv/linear stay uncounted here too.
   The unit is coarse on purpose: it makes blocks whose cost is mostly element-wise (CBAM's
   spatial gate, SimAM, GC's softmax pooling) visible, which the papers' count hides.
 
@@ -71,10 +72,11 @@ _ELEMENTWISE_EXTRA = {
 _NOT_ARITHMETIC = {aten.fill_, aten.zero_, aten.copy_, aten.clone, aten.lift_fresh}
 
 
-def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
-    # (B, heads, L, E) x (B, heads, S, E) -> scores (L, S); scores x (S, Ev) -> (L, Ev).
-    *batch, length, embed = query.shape
-    source, value_embed = key.shape[-2], value.shape[-1]
+def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:
+    """FLOPs from the shapes of q (B, heads, L, E), k (B, heads, S, E), v (B, heads, S, Ev):
+    scores q k^T are (L, S), each from E products; the output scores v is (L, Ev)."""
+    *batch, length, embed = query
+    source, value_embed = key[-2], value[-1]
     return 2 * math.prod(batch) * length * source * (embed + value_embed)
 
 

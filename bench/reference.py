@@ -129,14 +129,22 @@ def validate(data, name: str = "<reference>") -> None:
                     fail(row_where, f"{field} must be a number, got {value!r}")
 
 
+def parse_reference(text: str, name: str = "<text>") -> dict:
+    """Parse and validate the text of one reference file; errors name ``name``."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except ReferenceSchemaError as err:
+        raise ReferenceSchemaError(f"{name}: {err}") from None
+    validate(data, name=name)
+    return data
+
+
 @functools.cache
 def _load(paper: str) -> dict:
     path = REFERENCE_DIR / f"{paper}.yaml"
     if not path.is_file():
         raise _missing("reference paper", paper, papers())
-    data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (safe loader)
-    validate(data, name=path.name)
-    return data
+    return parse_reference(path.read_text(), name=path.name)
 
 
 def load_reference(paper: str) -> dict:
@@ -192,7 +200,16 @@ def agrees(measured: float, published: float) -> bool:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader whose floats are ``Published`` (keeping their printed decimals)."""
+    """SafeLoader whose floats are ``Published`` (keeping their printed decimals) and which
+    refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        if duplicates := sorted({str(k) for k in keys if keys.count(k) > 1}):
+            raise ReferenceSchemaError(
+                f"line {node.start_mark.line + 1}: key(s) {duplicates} given twice in one mapping"
+            )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_constructor(
