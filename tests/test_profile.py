@@ -224,3 +224,17 @@ def test_cli_json_for_one_model(capsys):
     assert out["model"]["input"] == 32 and out["model"]["position"] == "residual"
     assert out["attention"]["blocks"] == 9 and out["params"] > 0
     assert list(out["per_stage"]) == ["stem", "layer1", "layer2", "layer3", "head"]
+
+
+@pytest.mark.parametrize("name", ["danet_position", "non_local"])
+def test_position_attention_blocks_grow_with_the_square_of_positions(name):
+    # MACs = a * HW (1x1 convs) + b * (HW)^2 (the attention); two sizes fix a and b, the
+    # third must follow, and b must carry the growth.
+    block = build_attention(name, 16)
+    macs = {s: profile(block, (16, s, s))["attention"]["gmacs"] * 1e9 for s in (8, 16, 32)}
+    n8, n16 = 64, 256
+    b = (macs[16] - macs[8] * n16 / n8) / (n16**2 - n16 * n8)
+    a = (macs[8] - b * n8**2) / n8
+    assert b > 0
+    assert macs[32] == pytest.approx(a * 1024 + b * 1024**2, rel=1e-9)
+    assert b * 1024**2 > a * 1024  # at 32x32 the quadratic term dominates
