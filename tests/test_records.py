@@ -1,0 +1,182 @@
+"""Run records: schema, atomic writes, loading a tree with broken files, run ids."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bench import records
+from bench.records import (
+    check_record,
+    load_records,
+    read_record,
+    record_path,
+    run_id,
+    write_record,
+)
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def make_record(**changes) -> dict:
+    record = {
+        "schema_version": records.SCHEMA_VERSION,
+        "run_id": "0123456789ab",
+        "ablation": "adhoc",
+        "run_name": "resnet20_cifar-se-s0",
+        "status": "done",
+        "config": {"seed": 0},
+        "params": 274847,
+        "gmacs": 0.0408,
+        "top1": 81.5,
+        "top5": 99.1,
+        "best_top1": 81.5,
+        "best_top5": 99.2,
+        "epochs": 7,
+        "max_epochs": 7,
+        "throughput": 480.0,
+        "wall_time_s": 812.4,
+        "device": "cpu x1",
+        "versions": {"torch": "2.x"},
+        "git_commit": None,
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "finished_at": "2026-01-01T00:14:00+00:00",
+    }
+    record.update(changes)
+    return record
+
+
+def test_schema_accepts_done_and_failed_records():
+    check_record(make_record())
+    check_record(
+        make_record(
+            status="failed: FloatingPointError: loss is nan",
+            top1=None,
+            top5=None,
+            best_top1=None,
+            best_top5=None,
+            throughput=None,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"top1": None}, "'top1' is null in a done run"),
+        ({"status": "finished"}, "neither 'done' nor 'failed: <reason>'"),
+        ({"epochs": "7"}, "'epochs' is str, expected int"),
+        ({"params": True}, "'params' is bool"),
+        ({"config": None}, "'config' is NoneType, expected dict"),
+    ],
+)
+def test_schema_names_the_bad_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        check_record(make_record(**changes))
+
+
+def test_schema_names_a_missing_field():
+    record = make_record()
+    del record["gmacs"]
+    with pytest.raises(ValueError, match="missing 'gmacs'"):
+        check_record(record)
+
+
+def test_record_path_layout(tmp_path):
+    assert record_path(tmp_path, "se_ratio", "abc") == tmp_path / "se_ratio" / "abc.json"
+
+
+def test_write_then_read_round_trip(tmp_path):
+    path = write_record(tmp_path / "a" / "x.json", make_record())
+    assert read_record(path) == make_record()
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_failed_serialisation_leaves_the_old_record_and_no_debris(tmp_path, monkeypatch):
+    path = write_record(tmp_path / "x.json", make_record(top1=70.0))
+
+    def broken_dumps(*args, **kwargs):
+        raise TypeError("not serialisable")
+
+    monkeypatch.setattr(records.json, "dumps", broken_dumps)
+    with pytest.raises(TypeError):
+        write_record(path, make_record(top1=90.0))
+    monkeypatch.undo()
+    assert read_record(path)["top1"] == 70.0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_crash_before_rename_leaves_the_old_record_and_no_debris(tmp_path, monkeypatch):
+    path = write_record(tmp_path / "x.json", make_record(top1=70.0))
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(records.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_record(path, make_record(top1=90.0))
+    monkeypatch.undo()
+    assert read_record(path)["top1"] == 70.0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_invalid_record_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="top1"):
+        write_record(tmp_path / "x.json", make_record(top1=None))
+    assert not any(tmp_path.iterdir())
+
+
+def test_load_records_skips_broken_files_with_a_warning(tmp_path):
+    write_record(tmp_path / "abl" / "good.json", make_record())
+    (tmp_path / "abl" / "truncated.json").write_text('{"run_id": "x", ')
+    (tmp_path / "abl" / "incomplete.json").write_text(json.dumps({"run_id": "x"}))
+    (tmp_path / "abl" / ".good.json.1234.tmp").write_text("partial")
+    with pytest.warns(UserWarning) as caught:
+        loaded = load_records(tmp_path)
+    assert [r["run_id"] for r in loaded] == ["0123456789ab"]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "incomplete.json" in messages[0] and "missing 'status'" in messages[0]
+    assert "truncated.json" in messages[1]
+    with pytest.raises(ValueError, match="json"):
+        load_records(tmp_path, strict=True)
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(str(EXPERIMENTS), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_run_id_is_stable_and_tracks_what_is_trained():
+    base = composed("attention=se")
+    assert run_id(base) == run_id(composed("attention=se"))
+    assert len(run_id(base)) == 12
+    reordered = dict(reversed(list(base.items())))
+    assert run_id(reordered) == run_id(base)
+    for change in (
+        "seed=1",
+        "attention.ratio=8",
+        "optim.lr=0.05",
+        "attention=cbam",
+        "trainer.max_epochs=3",
+        "+ablation=cbam_arrangement",
+    ):
+        assert run_id(composed("attention=se", change)) != run_id(base), change
+
+
+def test_run_id_ignores_outputs_logging_and_loader_workers():
+    base = run_id(composed("attention=se"))
+    for change in (
+        "output_dir=/elsewhere",
+        "results_dir=/tmp/r",
+        "logger=csv",
+        "logger.project=other",
+        "num_workers=7",
+        "run_name=mine",
+        "data.root=/mnt/data/cifar10",
+        "trainer.enable_progress_bar=false",
+    ):
+        assert run_id(composed("attention=se", change)) == base, change
