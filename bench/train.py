@@ -1,0 +1,439 @@
+"""Training entry point: ``python -m bench.train [overrides]`` (Hydra, experiments/train.yaml).
+
+One call is one run (or, with ``-m``, one Hydra multirun of runs):
+
+1. The config is composed and resolved; attention keys that the chosen placements do not
+   use are nulled (so they neither split run ids nor mislabel the dashboard).
+2. Everything is validated before any work: attention placements against the backbone,
+   optimizer and schedule, trainer limits, the global batch size against the world size,
+   and the dataset on disk (``dm.check()`` names the missing path).
+3. The run id (``bench.records.run_id``) names the run's directory,
+   ``<output_dir>/<ablation>/<run_id>/``; if a ``last.ckpt`` is there the run resumes from
+   it, and if the run record already says ``done`` the run is skipped (``skip_done``).
+4. Lightning trains with a CSV log, W&B (offline unless asked), ``ModelCheckpoint`` with
+   ``last.ckpt`` after every epoch, and a check that stops on a non-finite loss.
+5. A run record is written at the end, ``done`` or ``failed: <reason>`` (the exception is
+   re-raised, so the exit code says it too).
+
+``train(cfg)`` does all of this for a composed config, for tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import timm
+import torch
+import torchmetrics
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from bench.data import build_datamodule
+from bench.lit import LitClassifier, optimizer_spec
+from bench.profile import profile
+from bench.records import SCHEMA_VERSION, read_record, record_path, run_id, write_record
+from bench.schedules import build_scheduler
+from modules import validate_placements
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+# The attention keys the dashboard groups and filters by (experiments/train.yaml).
+ATTENTION_KEYS = ("block", "stages", "position", "ratio", "pool", "order", "kernel", "gate")
+# Keys of the trainer group that are ours, not pytorch_lightning.Trainer arguments.
+OWN_TRAINER_KEYS = ("channels_last", "compile", "deterministic", "float32_matmul_precision")
+LOGGERS = ("wandb", "csv")
+
+
+# --- config ----------------------------------------------------------------------------
+
+
+def null_unused_attention_keys(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` where every attention key (but ``block``) that no placement
+    interpolates is null: ``attention=none attention.ratio=8`` is the plain baseline."""
+    cfg = copy.deepcopy(cfg)
+    raw = json.dumps(OmegaConf.to_container(cfg.attention.placements, resolve=False))
+    for key in ATTENTION_KEYS[1:]:
+        if cfg.attention.get(key) is not None and f"${{attention.{key}}}" not in raw:
+            log.info("attention.%s is not used by these placements; set to null", key)
+            cfg.attention[key] = None
+    return cfg
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as a plain dict, interpolations resolved, unused keys nulled."""
+    cfg = null_unused_attention_keys(cfg)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Raise a ValueError for a config that cannot train, before anything is built."""
+    validate_placements(config["attention"]["placements"], config["model"]["name"])
+    optimizer_spec(config["optim"])
+    epochs = config["trainer"]["max_epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"trainer.max_epochs must be a positive integer, got {epochs!r}")
+    # The real scheduler needs the loader's length; a probe optimizer checks names and keys.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    build_scheduler(probe, config["schedule"], steps_per_epoch=1000, max_epochs=epochs)
+    batch = config["protocol"]["batch_size"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"protocol.batch_size must be a positive integer, got {batch!r}")
+    if config["logger"]["name"] not in LOGGERS:
+        raise ValueError(f"logger.name={config['logger']['name']!r} is not one of {LOGGERS}")
+
+
+def dashboard_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys for grouping and filtering runs (W&B config, CSV hparams)."""
+    keys = {key: config["attention"][key] for key in ATTENTION_KEYS}
+    keys.update(
+        backbone=config["model"]["name"],
+        dataset=config["data"]["name"],
+        optimizer=config["optim"]["name"],
+        schedule=config["schedule"]["name"],
+        protocol=config["protocol"]["name"],
+        seed=config["seed"],
+        ablation=config["ablation"],
+    )
+    return keys
+
+
+# --- callbacks -------------------------------------------------------------------------
+
+
+class EpochSeed(Callback):
+    """Reseeds every RNG from (seed, epoch) before each training epoch, so an epoch's
+    randomness (shuffle order, augmentation on the device, drop-path) does not depend on
+    what ran before it, and a run resumed from ``last.ckpt`` repeats the uninterrupted run.
+
+    The seed is set at the end of the previous epoch, and when a checkpoint is restored,
+    because both come before Lightning creates the epoch's loader iterator (which draws
+    from the global RNG). Loader workers keep their own RNG streams across epochs, so
+    augmentation done in workers is not repeated exactly after a resume.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.next_epoch = 0
+
+    def _reseed(self) -> None:
+        epoch_seed = (self.seed * 100_003 + self.next_epoch) % 2**32
+        pl.seed_everything(epoch_seed, workers=True, verbose=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.next_epoch = trainer.current_epoch + 1
+        self._reseed()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_epoch": self.next_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_epoch = state["next_epoch"]
+        self._reseed()
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Fails the run at the first NaN or infinite training loss."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {trainer.current_epoch}, "
+                f"batch {batch_idx}"
+            )
+
+
+class RunStats(Callback):
+    """Accuracies (last and best, in %), completed epochs, training throughput and wall
+    time. Its state is saved in checkpoints, so a resumed run reports the whole run."""
+
+    def __init__(self):
+        self.top1 = self.top5 = self.best_top1 = self.best_top5 = None
+        self.epochs = 0
+        self.validated_after = -1  # completed epochs when the last validation ran
+        self.elapsed_before = 0.0  # wall time of earlier attempts of this run
+        self.started = time.perf_counter()
+        self.epoch_costs: list[tuple[int, float]] = []  # (images, seconds) per train epoch
+        self._val_seconds = 0.0
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def throughput(self) -> float | None:
+        """Training images/s over this attempt's epochs, the first left out when there are
+        more (it includes compilation and cache warm-up)."""
+        costs = self.epoch_costs[1:] if len(self.epoch_costs) > 1 else self.epoch_costs
+        seconds = sum(s for _, s in costs)
+        return sum(n for n, _ in costs) / seconds if seconds > 0 else None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._images, self._val_seconds = 0, 0.0
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[1])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._val_seconds += time.perf_counter() - self._val_start
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/acc" not in metrics:
+            return
+        self.top1 = 100 * float(metrics["val/acc"])
+        self.top5 = 100 * float(metrics["val/acc5"])
+        self.best_top1 = max(self.top1, self.best_top1 or 0.0)
+        self.best_top5 = max(self.top5, self.best_top5 or 0.0)
+        # trainer.validate() after fit sees the completed count; fit's own loop the index.
+        after_fit = trainer.state.fn == "validate"
+        self.validated_after = trainer.current_epoch + (0 if after_fit else 1)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._epoch_start - self._val_seconds
+        self.epoch_costs.append((self._images * trainer.world_size, seconds))
+        self.epochs = trainer.current_epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("top1", "top5", "best_top1", "best_top5", "epochs", "validated_after")
+        return {**{k: getattr(self, k) for k in keys}, "elapsed": self.wall_time()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("top1", "top5", "best_top1", "best_top5", "epochs", "validated_after"):
+            setattr(self, key, state[key])
+        self.elapsed_before = state["elapsed"]
+        self.started = time.perf_counter()
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def _uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _device(trainer: pl.Trainer) -> str:
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.processor() or platform.machine()}, "
+        name += f"{torch.get_num_threads()} threads)"
+    return f"{name} x{trainer.world_size}"
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "timm": timm.__version__,
+        "lightning": pl.__version__,
+        "torchmetrics": torchmetrics.__version__,
+    }
+
+
+def _failure(err: BaseException) -> str:
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "failed: interrupted"
+    message = re.sub(r"\s+", " ", str(err)).strip()
+    return f"failed: {type(err).__name__}: {message}"[:500]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def build_trainer(
+    config: Mapping[str, Any],
+    run_dir: Path,
+    rid: str,
+    callbacks: Sequence[Callback],
+    resuming: bool = False,
+) -> pl.Trainer:
+    """The Lightning Trainer of a run: its loggers and checkpoints live in ``run_dir``."""
+    options = {k: v for k, v in config["trainer"].items() if k not in OWN_TRAINER_KEYS}
+    if resuming:
+        # Checked at the first attempt; and it would draw from the RNG EpochSeed just set.
+        options["num_sanity_val_steps"] = 0
+    deterministic = config["trainer"]["deterministic"]
+    if deterministic == "auto":
+        deterministic = not _uses_gpu(options["accelerator"])
+    loggers: list = [CSVLogger(run_dir, name="csv")]
+    logger_cfg = config["logger"]
+    if logger_cfg["name"] == "wandb":
+        loggers.append(
+            WandbLogger(
+                name=config["run_name"],
+                save_dir=str(run_dir),
+                id=rid,
+                project=logger_cfg["project"],
+                entity=logger_cfg["entity"],
+                group=config["ablation"],
+                tags=list(logger_cfg["tags"]),
+                mode=logger_cfg["mode"],
+                job_type="train",
+            )
+        )
+    # The newest epoch's checkpoint, and last.ckpt linking to it (what a restart resumes).
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_top_k=1,
+        save_last="link",
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    return pl.Trainer(
+        **options,
+        deterministic=deterministic,
+        logger=loggers,
+        # RunStats first: the checkpoint saved at the end of an epoch must hold its update.
+        callbacks=[*callbacks, checkpoint, LearningRateMonitor(logging_interval="step")],
+        default_root_dir=run_dir,
+    )
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run the training ``cfg`` describes (a composed experiments/train.yaml) and return
+    its record. ``callbacks`` are added to the Trainer's (tests use this)."""
+    config = resolve(cfg)
+    validate(config)
+    rid = run_id(config)
+    ablation = config["ablation"]
+    run_dir = Path(config["output_dir"]) / ablation / rid
+    path = record_path(config["results_dir"], ablation, rid)
+    if config["skip_done"] and path.exists():
+        try:
+            previous = read_record(path)
+        except ValueError:
+            previous = None
+        if previous is not None and previous["status"] == "done":
+            log.info("run %s is done already (%s); skipping", rid, path)
+            return previous
+
+    seed = config["seed"]
+    pl.seed_everything(seed, workers=True)
+    torch.set_float32_matmul_precision(config["trainer"]["float32_matmul_precision"])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    stats = RunStats()
+    trainer = build_trainer(
+        config,
+        run_dir,
+        rid,
+        [stats, EpochSeed(seed), StopOnNonFiniteLoss(), *callbacks],
+        resuming=last.exists(),
+    )
+    world = trainer.world_size
+    batch = config["protocol"]["batch_size"]
+    if batch % world:
+        raise ValueError(
+            f"protocol.batch_size={batch} (global) does not divide over {world} processes"
+        )
+    datamodule = build_datamodule(
+        config["data"],
+        batch_size=batch // world,
+        num_workers=config["num_workers"],
+        seed=seed,
+    )
+    datamodule.check()
+
+    module = LitClassifier(config, num_classes=datamodule.num_classes)
+    size = datamodule.image_size
+    costs = profile(module.model, input_size=(3, size, size)) if trainer.is_global_zero else {}
+    if trainer.is_global_zero:
+        log.info("run %s in %s\n%s", rid, run_dir, module.attention_summary.table())
+        log.info(
+            "params %s, GMACs %.4f at %dx%d", f"{costs['params']:,}", costs["gmacs"], size, size
+        )
+    for logger in trainer.loggers:
+        logger.log_hyperparams(
+            {
+                **dashboard_keys(config),
+                "run_id": rid,
+                "params": costs.get("params"),
+                "gmacs": costs.get("gmacs"),
+                **config,
+            }
+        )
+
+    started = _now()
+    status = "failed: unknown"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+        if stats.validated_after != stats.epochs:
+            # Validation did not run after the last epoch (interval, max_time): run it now.
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        status = "done"
+    except BaseException as err:
+        status = _failure(err)
+        raise
+    finally:
+        record = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": rid,
+            "ablation": ablation,
+            "run_name": config["run_name"],
+            "status": status,
+            "config": config,
+            "params": costs.get("params"),
+            "gmacs": costs.get("gmacs"),
+            "profile": costs,
+            "attention": module.attention_summary.to_dicts(),
+            "top1": stats.top1,
+            "top5": stats.top5,
+            "best_top1": stats.best_top1,
+            "best_top5": stats.best_top5,
+            "epochs": stats.epochs,
+            "max_epochs": config["trainer"]["max_epochs"],
+            "throughput": stats.throughput(),
+            "wall_time_s": stats.wall_time(),
+            "device": _device(trainer),
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "started_at": started,
+            "finished_at": _now(),
+        }
+        if trainer.is_global_zero:
+            write_record(path, record)
+            log.info("run record: %s (%s)", path, status)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish(exit_code=0 if status == "done" else 1)
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../experiments", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the final top-1 (for sweepers that optimise it)."""
+    return train(cfg)["top1"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""End-to-end training through the real composed config, shrunk to a few batches."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from bench.records import read_record, record_path, run_id
+from bench.train import resolve, train
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-mini"
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory) -> Path:
+    """A CIFAR-like ImageFolder tree: 10 classes, 8 train / 2 val 32x32 PNGs each."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        for label in range(10):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (32, 32, 3)) + 19 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("ATTN_BENCH_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_overrides(root: Path, out: Path) -> list[str]:
+    return [
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.num_classes=10",
+        "data.recipe=cifar",
+        "data.cache=true",
+        "protocol=smoke",
+        "protocol.batch_size=8",
+        "num_workers=0",
+        "logger=csv",
+        f"output_dir={out / 'outputs'}",
+        f"results_dir={out / 'results'}",
+    ]
+
+
+def configure(*overrides: str):
+    with initialize_config_dir(str(REPO / "experiments"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_dir_of(cfg) -> Path:
+    config = resolve(cfg)
+    return Path(config["output_dir"]) / config["ablation"] / run_id(config)
+
+
+def test_smoke_run_writes_record_wandb_offline_run_and_csv(tiny_tree, tmp_path):
+    cfg = configure(*tiny_overrides(tiny_tree, tmp_path), "attention=se", "logger=wandb")
+    record = train(cfg)
+    path = record_path(tmp_path / "results", "adhoc", record["run_id"])
+    assert read_record(path) == json.loads(json.dumps(record))
+    assert record["status"] == "done" and record["epochs"] == 1
+    assert record["config"]["attention"]["placements"][0]["block"] == "se"
+    assert record["attention"] and all(row["block"] == "se" for row in record["attention"])
+    assert record["params"] > 270_000 and 0.04 < record["gmacs"] < 0.05  # SE-ResNet-20
+    assert 0 <= record["top1"] <= record["top5"] <= 100 and record["throughput"] > 0
+    run_dir = run_dir_of(cfg)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "val/acc" in metrics.splitlines()[0] and "train/loss" in metrics
+    hparams = yaml.safe_load((run_dir / "csv" / "version_0" / "hparams.yaml").read_text())
+    # The attention axes are top-level keys for the dashboard; unused ones are null.
+    assert hparams["block"] == "se" and hparams["ratio"] == 16 and hparams["order"] is None
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+class FailIfTrained(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        raise AssertionError("a done run was trained again")
+
+
+def test_done_run_is_skipped(tiny_tree, tmp_path):
+    cfg = configure(*tiny_overrides(tiny_tree, tmp_path), "trainer.limit_train_batches=1")
+    first = train(cfg)
+    assert train(cfg, callbacks=[FailIfTrained()]) == json.loads(json.dumps(first))
+
+
+def test_unused_attention_keys_do_not_split_runs():
+    plain = resolve(configure("attention=none"))
+    with_ratio = resolve(configure("attention=none", "attention.ratio=8"))
+    assert with_ratio["attention"]["ratio"] is None
+    assert run_id(plain) == run_id(with_ratio)
+    assert resolve(configure("attention=eca", "attention.pool=max"))["attention"]["pool"] is None
+
+
+class KillAtEpoch(pl.Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_tree, tmp_path):
+    common = [
+        "attention=cbam",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "trainer.num_sanity_val_steps=1",
+    ]
+    whole = train(configure(*tiny_overrides(tiny_tree, tmp_path / "a"), *common))
+    cfg = configure(*tiny_overrides(tiny_tree, tmp_path / "b"), *common)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, callbacks=[KillAtEpoch(1)])
+    path = record_path(tmp_path / "b" / "results", "adhoc", whole["run_id"])
+    assert read_record(path)["status"] == "failed: RuntimeError: killed"
+    resumed = train(cfg)
+    assert resumed["status"] == "done" and resumed["epochs"] == 2
+    for key in ("top1", "top5", "best_top1", "best_top5"):
+        assert resumed[key] == whole[key], key
+    weights = [
+        torch.load(run_dir_of(c) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for c in (configure(*tiny_overrides(tiny_tree, tmp_path / "a"), *common), cfg)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    # The second attempt started at epoch 1: its CSV log has no epoch-0 rows.
+    second = (run_dir_of(cfg) / "csv" / "version_1" / "metrics.csv").read_text().splitlines()
+    epochs = {row.split(",")[0] for row in second[1:]} - {""}
+    assert epochs == {"1"}
+
+
+class PoisonWeights(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            with torch.no_grad():
+                pl_module.model.fc.weight.fill_(float("nan"))
+
+
+def test_nan_loss_leaves_a_failed_record(tiny_tree, tmp_path):
+    cfg = configure(*tiny_overrides(tiny_tree, tmp_path))
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 0, batch 1"):
+        train(cfg, callbacks=[PoisonWeights()])
+    config = resolve(cfg)
+    record = read_record(record_path(tmp_path / "results", "adhoc", run_id(config)))
+    assert record["status"].startswith("failed: FloatingPointError: training loss is nan")
+    assert record["top1"] is None and record["params"] > 0
+
+
+def test_missing_dataset_fails_at_once_naming_the_path(tiny_tree, tmp_path):
+    missing = tmp_path / "no-such-data"
+    overrides = tiny_overrides(tiny_tree, tmp_path) + [f"data.root={missing}"]
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=str(missing / "train")):
+        train(configure(*overrides))
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["attention=se", "attention.position=sideways"], "position"),
+        (["attention=cbam", "++attention.placements.0.args.bogus=1"], "bogus"),
+        (["attention=se", "attention.stages=[4]"], "stage 4"),
+        (["optim.name=lion"], "optim.name='lion'"),
+        (["schedule=multistep", "schedule.milestones=[1.5]"], "milestones"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tiny_tree, tmp_path, overrides, message):
+    cfg = configure(*tiny_overrides(tiny_tree, tmp_path), *overrides)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"no offline CIFAR-10 copy at {CIFAR10}")
+def test_offline_cifar10_copy_with_attention(tmp_path):
+    cfg = configure(
+        *tiny_overrides(CIFAR10, tmp_path),
+        "data=cifar10_images",
+        f"data.root={CIFAR10}",
+        "data.subset={per_class: 4}",
+        "data.val_subset={per_class: 2}",
+        "attention=eca",
+    )
+    record = train(cfg)
+    assert record["status"] == "done"
+    assert record["config"]["data"]["name"] == "cifar10"
+    assert {row["block"] for row in record["attention"]} == {"eca"}
+
+
+@pytest.mark.skipif(not IMAGENETTE.is_dir(), reason=f"no Imagenette copy at {IMAGENETTE}")
+def test_imagenette_224_resnet18(tmp_path):
+    cfg = configure(
+        *tiny_overrides(IMAGENETTE, tmp_path),
+        "data=imagenette",
+        f"data.root={IMAGENETTE}",
+        "data.recipe=imagenet",
+        "data.cache=false",
+        "data.subset={per_class: 1}",
+        "data.val_subset={per_class: 1}",
+        "model=resnet18",
+        "attention=se",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+    )
+    record = train(cfg)
+    assert record["status"] == "done"
+    assert record["profile"]["input_size"] == [3, 224, 224]
+    assert 1.7 < record["gmacs"] < 1.9  # SE-ResNet-18 at 224: ~1.82 GMACs
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(tiny_tree, tmp_path):
+    overrides = tiny_overrides(tiny_tree, tmp_path) + [
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "protocol.batch_size=16",
+        "trainer.limit_train_batches=2",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.train", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "results" / "adhoc").glob("*.json")
+    record = read_record(path)
+    assert record["status"] == "done" and record["device"].endswith("x2")
+    assert record["config"]["trainer"]["strategy"] == "ddp"
