@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
 import math
 import os
@@ -42,7 +43,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 ABLATIONS = EXPERIMENTS / "ablation"
@@ -268,6 +269,10 @@ def record_of(config: DictConfig) -> Path:
     from bench.records import record_path, run_id
     from bench.train import resolve
 
+    if "hydra" in config:  # a callback's config: the job's, plus Hydra's own node
+        config = copy.copy(config)
+        with open_dict(config):
+            del config["hydra"]
     resolved = resolve(config)
     return record_path(resolved["results_dir"], resolved["ablation"], run_id(resolved))
 
@@ -294,6 +299,7 @@ class SweepProgress(Callback):
 
     def __init__(self) -> None:
         self.total: int | None = None
+        self.swept: set[str] | None = None
         self.skipped = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
@@ -303,14 +309,23 @@ class SweepProgress(Callback):
             parse_axes(list(config.hydra.overrides.task), "command line"),
         )
         self.total = math.prod(len(axis.values) for axis in axes)
+        self.swept = {axis.path for axis in axes if len(axis.values) > 1}
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         self.skipped = _quietly(completed_run, config, default=False)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         index = config.hydra.job.num + 1
-        swept = [o for o in config.hydra.overrides.task if not o.startswith("+ablation=")]
-        name = f"{config.get('ablation', '')} {' '.join(swept)}".strip()
+        shown = [
+            o
+            for o in config.hydra.overrides.task
+            if (
+                o.split("=", 1)[0].lstrip("+~") in self.swept
+                if self.swept is not None
+                else not o.startswith("+ablation=")
+            )
+        ]
+        name = f"{config.get('ablation', '')} {' '.join(shown)}".strip()
         if self.skipped:
             outcome = "skipped (record exists)"
         else:
