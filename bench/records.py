@@ -69,6 +69,10 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "finished_at": (str,),
 }
 REQUIRED_WHEN_DONE = ("params", "gmacs", "top1", "top5", "best_top1", "best_top5")
+# Cost-only records (bench.tables --cost-only) profile a configuration without training it,
+# so cost tables are rebuilt from records too; they carry costs but no accuracy.
+COST_ONLY = "cost-only"
+REQUIRED_WHEN_COST_ONLY = ("params", "gmacs")
 
 
 def _drop(config: dict, dotted: str) -> None:
@@ -111,8 +115,14 @@ def check_record(record: Mapping[str, Any]) -> None:
             problems += [
                 f"{k!r} is null in a done run" for k in REQUIRED_WHEN_DONE if record.get(k) is None
             ]
+        elif status == COST_ONLY:
+            problems += [
+                f"{k!r} is null in a cost-only record"
+                for k in REQUIRED_WHEN_COST_ONLY
+                if record.get(k) is None
+            ]
         elif not status.startswith("failed: "):
-            problems.append(f"status {status!r} is neither 'done' nor 'failed: <reason>'")
+            problems.append(f"status {status!r} is none of 'done', 'cost-only', 'failed: <reason>'")
     if problems:
         raise ValueError("bad run record: " + "; ".join(problems))
 

@@ -47,7 +47,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 ABLATIONS = EXPERIMENTS / "ablation"
-COST_STATUS = "cost-only"
 
 # Hydra overrides that pick a launcher; extra settings (partition, GPUs, time) go on the
 # command line, e.g. `hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1`.
@@ -400,7 +399,7 @@ def cost_record(run: PlannedRun) -> dict:
 
     from bench.lit import build_model
     from bench.profile import profile
-    from bench.records import SCHEMA_VERSION, run_id
+    from bench.records import COST_ONLY, SCHEMA_VERSION, run_id
     from bench.train import resolve
 
     config = resolve(run.config)
@@ -422,7 +421,7 @@ def cost_record(run: PlannedRun) -> dict:
         "run_id": run_id(config),
         "ablation": run.ablation,
         "run_name": config["run_name"],
-        "status": COST_STATUS,
+        "status": COST_ONLY,
         "config": config,
         "params": int(costs["params"]),
         "gmacs": float(costs["gmacs"]),

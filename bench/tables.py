@@ -42,9 +42,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.records import load_records
+from bench.records import COST_ONLY, load_records
 
-COST_STATUS = "cost-only"
 # Config paths that name the setting a run was trained under, in the order they appear in
 # a table's file name. A path that is an axis of the ablation is left out of the name.
 SETTING_KEYS = ("protocol.name", "data.name", "model.name")
@@ -235,7 +234,7 @@ def build_tables(records: Iterable[Mapping]) -> list[Table]:
     groups: dict[tuple[str, str, bool], list[Mapping]] = defaultdict(list)
     for record in records:
         status = record.get("status")
-        cost_only = status == COST_STATUS
+        cost_only = status == COST_ONLY
         if status != "done" and not cost_only:
             continue
         config = record["config"]

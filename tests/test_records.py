@@ -66,15 +66,22 @@ def test_schema_accepts_done_and_failed_records():
     "changes, message",
     [
         ({"top1": None}, "'top1' is null in a done run"),
-        ({"status": "finished"}, "neither 'done' nor 'failed: <reason>'"),
+        ({"status": "finished"}, "none of 'done', 'cost-only', 'failed: <reason>'"),
         ({"epochs": "7"}, "'epochs' is str, expected int"),
         ({"params": True}, "'params' is bool"),
+        ({"status": "cost-only", "gmacs": None}, "'gmacs' is null in a cost-only record"),
         ({"config": None}, "'config' is NoneType, expected dict"),
     ],
 )
 def test_schema_names_the_bad_field(changes, message):
     with pytest.raises(ValueError, match=message):
         check_record(make_record(**changes))
+
+
+def test_cost_only_record_needs_costs_but_no_accuracy():
+    check_record(
+        make_record(status="cost-only", top1=None, top5=None, best_top1=None, best_top5=None)
+    )
 
 
 def test_schema_names_a_missing_field():
