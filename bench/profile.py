@@ -24,7 +24,9 @@ each counted once even when one block nests another.
 Scaled-dot-product attention runs as bmm/softmax/bmm (counted as such) or, for contiguous
 inputs on CPU, as ``aten._scaled_dot_product_flash_attention_for_cpu``,
 which torch's flop registry does not know; it is counted here (2 * L * S * (E + Ev) FLOPs
-per batch and head), so a non-local block's cost grows with (H*W)^2 as it should.
+per batch and head), so a non-local block's cost grows with (H*W)^2 as it should. Blocks
+that zero-pad q/k/v to one width for the fused kernels are counted at their own widths
+(``modules.parts.exact_attention_widths``).
 
     python -m bench.profile                                 # paper comparison table
     python -m bench.profile --backbone resnet50 --attention cbam --stride-in-1x1 --json
@@ -45,6 +47,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+
+from bench.reference import agrees, load_reference
+from modules import build_backbone, inject
+from modules.parts import exact_attention_widths
+from modules.registry import available, block_class, block_positions
 
 aten = torch.ops.aten
 
@@ -101,8 +108,6 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 def is_attention_block(module: nn.Module) -> bool:
     """True if ``module``'s class is one registered in ``modules.registry``."""
-    from modules.registry import available, block_class
-
     name = getattr(type(module), "registry_name", None)
     return name in available() and block_class(name) is type(module)
 
@@ -222,7 +227,9 @@ def profile(
     mode = _CostMode()
     handles = _install_hooks(model, mode)
     try:
-        with torch.no_grad(), mode:
+        # exact widths: count the attention products the papers count, not a fused
+        # kernel's zero-padded ones (modules.parts.softmax_attention)
+        with torch.no_grad(), exact_attention_widths(), mode:
             model(x)
     finally:
         for handle in handles:
@@ -337,8 +344,6 @@ def build_model(
     ``position`` defaults to ``default_position(attention)``. Build on ``device="meta"``
     to count without allocating weights.
     """
-    from modules import build_backbone, inject
-
     with torch.device(device):
         model = build_backbone(
             backbone, num_classes=num_classes, cifar_stem=cifar_stem, stride_in_1x1=stride_in_1x1
@@ -356,8 +361,6 @@ def build_model(
 def default_position(attention: str) -> str:
     """``residual`` (SE/CBAM's place) where the block allows it, else ``stage_end`` (one
     block per stage, as for non-local), else the first position it allows."""
-    from modules.registry import block_positions
-
     allowed = block_positions(attention)
     for position in ("residual", "stage_end"):
         if position in allowed:
@@ -368,8 +371,6 @@ def default_position(attention: str) -> str:
 def paper_costs(backbone: str, attention: str) -> dict | None:
     """The published params/GMACs of an ImageNet model at 224, from CBAM Table 4 or else
     SENet Table 2, with the source; None if neither paper lists it."""
-    from bench.reference import load_reference
-
     for paper in ("cbam", "senet"):
         data = load_reference(paper)
         for row in data["tables"]["imagenet"]["rows"].values():
@@ -388,7 +389,6 @@ def comparison_row(backbone: str, attention: str, costs: dict) -> dict:
     ``match`` is "ok" when both measured numbers round to the paper's at the precision it
     printed, otherwise it names the ones that do not.
     """
-    from bench.reference import agrees
 
     paper = paper_costs(backbone, attention) or {}
     params_m = costs["params"] / 1e6

@@ -8,6 +8,8 @@ means the same thing in SE, CBAM and GC.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterable
 
@@ -194,6 +196,23 @@ def arrange(
 # --- softmax attention with memory linear in the number of positions ---------------------
 
 
+_EXACT_WIDTHS = contextvars.ContextVar("exact_attention_widths", default=False)
+
+
+@contextlib.contextmanager
+def exact_attention_widths():
+    """Within this context ``softmax_attention`` runs at the blocks' own widths, without
+    the zero padding: a FLOP counter then sees the matrix products the papers count
+    (``N*M*E`` for ``q k^T``, ``N*M*Ev`` for the values), not the padded kernel's work.
+    The unpadded call may take the ``N x M``-memory path; the profiler uses it, training
+    does not."""
+    token = _EXACT_WIDTHS.set(True)
+    try:
+        yield
+    finally:
+        _EXACT_WIDTHS.reset(token)
+
+
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """``softmax(q k^T * scale) v`` for ``q (B, N, E)``, ``k (B, M, E)``, ``v (B, M, Ev)``.
 
@@ -207,11 +226,10 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     width, value_width = q.shape[-1], v.shape[-1]
     if scale is None:
         scale = width**-0.5
-    if width < value_width:
-        q = F.pad(q, (0, value_width - width))
-        k = F.pad(k, (0, value_width - width))
-    elif value_width < width:
-        v = F.pad(v, (0, width - value_width))
+    if not _EXACT_WIDTHS.get():
+        padded = max(width, value_width)
+        q, k = (F.pad(t, (0, padded - width)) for t in (q, k))
+        v = F.pad(v, (0, padded - value_width))
     # one head, (B, 1, N, E); the fused CPU kernel also wants the last dim contiguous,
     # which channel-first feature maps read as tokens are not
     q, k, v = (t.contiguous()[:, None] for t in (q, k, v))

@@ -238,3 +238,15 @@ def test_position_attention_blocks_grow_with_the_square_of_positions(name):
     assert b > 0
     assert macs[32] == pytest.approx(a * 1024 + b * 1024**2, rel=1e-9)
     assert b * 1024**2 > a * 1024  # at 32x32 the quadratic term dominates
+
+
+def test_position_attention_is_counted_at_its_own_widths_not_the_padded_ones():
+    # DANet's position attention: q, k are C/8 wide, v is C wide; the fused kernel pads q and
+    # k to C, but the paper's products are N*N*C/8 (q k^T) + N*N*C (attention times v).
+    channels, side = 64, 8
+    positions = side * side
+    block = build_attention("danet_position", channels)
+    convs = positions * (2 * channels * channels // 8 + channels * channels)  # q, k, v
+    products = positions * positions * (channels // 8 + channels)
+    costs = profile(block, (channels, side, side))
+    assert costs["gmacs"] * 1e9 == pytest.approx(convs + products)
