@@ -17,7 +17,7 @@ import bench.data as data
 from bench.data import DATASETS, build_datamodule, random_crop_flip, select_subset
 
 DATA_YAML = Path(__file__).resolve().parents[1] / "experiments" / "data"
-OFFLINE_CIFAR10 = Path("/work/shared/data/cifar10")
+OFFLINE_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 CLASSES = ("cat", "dog", "emu")
 
 
@@ -56,25 +56,6 @@ def folder_cfg(root, **overrides):
 
 def first_batch(loader):
     return next(iter(loader))
-
-
-def write_cifar100(root, per_class=3, classes=5):
-    """A stand-in for torchvision's cifar-100-python/ (same files and keys, few images)."""
-    rng = np.random.default_rng(2)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    names = [f"class_{i}" for i in range(100)]
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": names, "coarse_label_names": names[:20]}, f)
-    arrays = {}
-    for split in ("train", "test"):
-        labels = [c for c in range(classes) for _ in range(per_class)]
-        pixels = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-        entry = {"data": pixels, "fine_labels": labels, "coarse_labels": [0] * len(labels)}
-        with open(folder / split, "wb") as f:
-            pickle.dump(entry, f)
-        arrays[split] = (pixels.reshape(-1, 3, 32, 32), np.asarray(labels))
-    return arrays
 
 
 def test_cache_is_built_once_and_reused(tree, cache_dir, monkeypatch):
@@ -242,8 +223,8 @@ def test_subset_in_the_datamodule(tree):
     assert np.array_equal(np.asarray(twin.datasets["train"].images), np.asarray(train.images))
 
 
-def test_cifar100_in_torchvision_layout(tmp_path):
-    arrays = write_cifar100(tmp_path)
+def test_cifar100_in_torchvision_layout(tmp_path, cifar100_standin):
+    arrays = cifar100_standin(tmp_path)
     cfg = {"name": "cifar100", "format": "torchvision", "root": str(tmp_path)}
     dm = build_datamodule(cfg, batch_size=5, num_workers=0)
     assert dm.num_classes == 100 and dm.image_size == 32

@@ -211,6 +211,23 @@ def test_offline_cifar10_copy_with_attention(tmp_path):
     assert {row["block"] for row in record["attention"]} == {"eca"}
 
 
+def test_cifar100_standin_in_torchvision_layout(tmp_path, cifar100_standin):
+    cifar100_standin(tmp_path / "data", per_class=8, classes=4)
+    # torchvision-layout CIFAR has its own class count and is uint8 in memory (no cache key)
+    own = ("data.cache=true", "data.num_classes=10")
+    overrides = [o for o in tiny_overrides(tmp_path / "data", tmp_path) if o not in own]
+    cfg = configure(
+        *overrides,
+        "data=cifar100",
+        f"data.root={tmp_path / 'data'}",
+        "attention=cbam",
+    )
+    record = train(cfg)
+    assert record["status"] == "done"
+    assert record["config"]["data"]["name"] == "cifar100"
+    assert record["config"]["data"]["num_classes"] == 100
+
+
 @pytest.mark.skipif(not IMAGENETTE.is_dir(), reason=f"no Imagenette copy at {IMAGENETTE}")
 def test_imagenette_224_resnet18(tmp_path):
     cfg = configure(
