@@ -3,11 +3,21 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+# make sweep / wandb-sweep: which ablation (experiments/ablation/*.yaml), protocol, seeds.
+ABLATION   ?= cbam_arrangement
+PROTOCOL   ?= smoke
+SEEDS      ?= 0
+SWEEP_ARGS ?=
+# make train: Hydra overrides, e.g. TRAIN_ARGS='attention=cbam seed=1'
+TRAIN_ARGS ?=
+PROFILE_ARGS ?=
+
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format profile
+.PHONY: help install test lint format profile paper-costs train sweep wandb-sweep \
+        wandb-sync tables costs bench
 
 help:  ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +37,32 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-PROFILE_ARGS ?=
-profile: $(STAMP)  ## params/GMACs table: baseline, SE, CBAM on ResNet-18/50 at 224 (PROFILE_ARGS=... to change)
+profile: $(STAMP)  ## params/GMACs: ResNet-18/50 baseline, +SE, +CBAM at 224 beside CBAM Table 4 (PROFILE_ARGS=--help)
 	$(PY) -m bench.profile $(PROFILE_ARGS)
+
+paper-costs: $(STAMP)  ## reproduce the papers' params/GFLOPs columns (CBAM T4, SENet T2/T10/T13, ECA)
+	$(PY) -m pytest -q tests/test_paper_costs.py
+
+train: $(STAMP)  ## one training run (default: ResNet-20, offline CIFAR-10, cpu protocol); TRAIN_ARGS=...
+	$(PY) -m bench.train $(TRAIN_ARGS)
+
+sweep: $(STAMP)  ## run one ablation, resumable: ABLATION=... PROTOCOL=smoke|cpu|cifar|imagenet SEEDS=0,1 SWEEP_ARGS=...
+	$(PY) -m bench.sweep $(ABLATION) --protocol $(PROTOCOL) --seeds $(SEEDS) $(SWEEP_ARGS)
+
+wandb-sweep: $(STAMP)  ## write a W&B grid sweep file for ABLATION to sweeps/$(ABLATION).yaml
+	$(PY) -m bench.sweep $(ABLATION) --protocol $(PROTOCOL) --seeds $(SEEDS) \
+		--wandb-sweep sweeps/$(ABLATION).yaml $(SWEEP_ARGS)
+
+wandb-sync: $(STAMP)  ## upload every offline W&B run under outputs/ (needs `wandb login` once)
+	@runs=$$(find outputs -type d -name 'offline-run-*' 2>/dev/null); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under outputs/"; exit 0; fi; \
+	for run in $$runs; do $(VENV)/bin/wandb sync "$$run" || exit 1; done
+
+tables: $(STAMP)  ## results/runs/**.json -> results/tables/*.{md,csv,tex,png} + results/README.md
+	$(PY) -m bench.tables
+
+costs: $(STAMP)  ## params/GMACs of every ablation variant without training -> cost records + tables
+	$(PY) -m bench.tables --cost-only
+
+bench: $(STAMP)  ## the cpu protocol benchmark: ResNet-20 on the full offline CIFAR-10, ~15 min on 2 cores
+	$(PY) -m bench.train protocol=cpu model=resnet20_cifar data=cifar10_images attention=none
