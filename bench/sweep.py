@@ -73,6 +73,24 @@ def protocol_names() -> list[str]:
     return sorted(p.stem for p in (EXPERIMENTS / "protocol").glob("*.yaml"))
 
 
+def protocol_group_choices(protocol: str) -> dict[str, str]:
+    """The groups a protocol file chooses itself (``override /data: cifar10_images`` in
+    its defaults). An ablation appended with ``+ablation=`` comes later in the defaults
+    list and would win over them, so a sweep passes them on the command line, where they
+    beat the ablation's defaults (``smoke`` then trains on its CIFAR-10 subset whatever
+    the ablation's dataset). Only the data group is passed: a protocol's optim and
+    schedule choices already apply, since ablations do not choose those."""
+    text = (EXPERIMENTS / "protocol" / f"{protocol}.yaml").read_text()
+    defaults = (yaml.safe_load(text) or {}).get("defaults") or []
+    choices = {}
+    for entry in defaults:
+        if isinstance(entry, dict):
+            for key, option in entry.items():
+                if key == "override /data":
+                    choices["data"] = option
+    return choices
+
+
 def _check_choice(what: str, name: str, choices: list[str]) -> None:
     if name not in choices:
         import difflib
@@ -171,7 +189,14 @@ def plan_sweep(
     if protocol is not None:
         _check_choice("protocol", protocol, protocol_names())
     command_axes = parse_axes(list(overrides), "the command line")
-    fixed = [f"+ablation={ablation}"] + ([f"protocol={protocol}"] if protocol else [])
+    fixed = [f"+ablation={ablation}"]
+    if protocol:
+        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        fixed += [f"protocol={protocol}"] + [
+            f"{group}={option}"
+            for group, option in protocol_group_choices(protocol).items()
+            if group not in given
+        ]
     # Single-valued overrides shape the config the sweep's own axes are read from.
     single = [f"{a.key}={a.values[0]}" for a in command_axes if len(a.values) == 1]
     base = _compose_checked(fixed + single, "the command line", hydra_config=True)

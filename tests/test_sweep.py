@@ -280,3 +280,15 @@ def test_sweep_survives_sigkill_and_resumes(tmp_path):
     assert all(r["status"] == "done" for r in records)
     assert done_before <= {f.name for f in files}
     assert second.stdout.count("skipped (record exists)") == len(done_before)
+
+
+def test_smoke_protocol_trains_on_its_cifar_subset_whatever_the_ablation_names():
+    # cbam_arrangement defaults to ImageNet; the smoke protocol's data choice must win
+    # (make sweep ABLATION=cbam_arrangement PROTOCOL=smoke runs on any machine), but a
+    # data= given on the command line wins over both.
+    runs = sweep.validate_sweep("cbam_arrangement", "smoke")
+    assert {run.config.data.format for run in runs} == {"imagefolder"}
+    assert {run.config.data.name for run in runs} == {"cifar10"}
+    assert sweep.validate_sweep("cbam_arrangement", "cpu")[0].config.data.name == "imagenet"
+    given = sweep.validate_sweep("cbam_arrangement", "smoke", ["data=imagenet"])
+    assert given[0].config.data.name == "imagenet"
