@@ -45,6 +45,20 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bench.data import RECIPES
+from bench.lit import build_model
+from bench.profile import profile
+from bench.records import (
+    COST_ONLY,
+    SCHEMA_VERSION,
+    read_record,
+    record_path,
+    run_id,
+    write_record,
+)
+from bench.tables import variants_of
+from bench.train import resolve, validate
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 ABLATIONS = EXPERIMENTS / "ablation"
 
@@ -251,8 +265,6 @@ def check_run(run: PlannedRun) -> None:
     """Resolve one run's config and validate it as ``bench.train`` would before training:
     placements, blocks and their arguments against the backbone, optimizer, schedule,
     trainer and batch size; and that it is exactly one row of the ablation's table."""
-    from bench.tables import variants_of
-    from bench.train import resolve, validate
 
     try:
         config = resolve(run.config)
@@ -290,8 +302,6 @@ def validate_sweep(
 
 def record_of(config: DictConfig) -> Path:
     """Where ``bench.train`` writes the record of the run ``config`` describes."""
-    from bench.records import record_path, run_id
-    from bench.train import resolve
 
     if "hydra" in config:  # a callback's config: the job's, plus Hydra's own node
         config = copy.copy(config)
@@ -304,7 +314,6 @@ def record_of(config: DictConfig) -> Path:
 def completed_run(config: DictConfig) -> bool:
     """True if the run of ``config`` already has a valid record with status ``done``
     (``bench.train`` skips such a run unless ``skip_done=false``)."""
-    from bench.records import read_record
 
     path = record_of(config)
     try:
@@ -368,7 +377,6 @@ def _quietly(function, config, default):
 
 def describe_record(path: Path) -> str:
     """``done top1=.. top5=..`` or the record's ``failed: ..`` status, or why there is none."""
-    from bench.records import read_record
 
     if not path.is_file():
         return "failed: no run record"
@@ -411,7 +419,6 @@ def wandb_sweep(ablation: str, fixed: list[str], axes: list[Axis], project: str)
 def input_size(config: Mapping) -> tuple[int, int, int]:
     """The paper's input size for a config: the data recipe's (32 for CIFAR, 224 for
     ImageNet)."""
-    from bench.data import RECIPES
 
     side = RECIPES[config["data"]["recipe"]]["image_size"]
     return (3, side, side)
@@ -421,11 +428,6 @@ def cost_record(run: PlannedRun) -> dict:
     """A ``cost-only`` run record: params and GMACs of the run's model, no training."""
     import timm
     import torch
-
-    from bench.lit import build_model
-    from bench.profile import profile
-    from bench.records import COST_ONLY, SCHEMA_VERSION, run_id
-    from bench.train import resolve
 
     config = resolve(run.config)
     size = input_size(config)
@@ -474,8 +476,6 @@ def write_cost_records(
     """Profile every variant of ``ablations`` (default: all) under its own protocol and
     write one ``cost-only`` record per variant; existing cost records are kept."""
     from tqdm import tqdm
-
-    from bench.records import record_path, write_record
 
     planned = []
     for ablation in ablations or ablation_names():
