@@ -6,8 +6,12 @@ best), throughput, wall time, device, library versions and git commit, and a sta
 (``done`` or ``failed: <reason>``).
 
 - ``run_id(config)`` hashes the resolved config (seed included) without the keys that do
-  not change what is trained (where outputs go, how it is logged, loader workers), so the
-  same experiment started again gets the same id, finds its checkpoint and resumes.
+  not change what is trained (where outputs go, how it is logged, loader workers, the
+  wall-time guard), so the same experiment started again gets the same id, finds its
+  checkpoint and resumes.
+- ``is_complete(record)``: the run is done and trained every epoch it asked for. A run
+  that ``trainer.max_time`` cut short is ``done`` (it has its final validation) but not
+  complete, so starting it again, with a larger guard, resumes it from its checkpoint.
 - ``write_record`` is atomic: the JSON goes to a temporary file in the same directory, is
   fsynced, then renamed over the target; a crash leaves the old record or none, never half.
 - ``load_records`` reads a tree of records and skips broken files with a warning that
@@ -40,6 +44,10 @@ RUN_IRRELEVANT_KEYS = (
     "data.download",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
+    # A guard, not a hyperparameter: a run that finishes all epochs is the same run under
+    # any guard, and one the guard cut short is told apart by ``is_complete``. Keeping it
+    # out of the id lets a slower machine raise it and resume the cut run.
+    "trainer.max_time",
 )
 
 _NUMBER = (int, float)
@@ -125,6 +133,15 @@ def check_record(record: Mapping[str, Any]) -> None:
             problems.append(f"status {status!r} is none of 'done', 'cost-only', 'failed: <reason>'")
     if problems:
         raise ValueError("bad run record: " + "; ".join(problems))
+
+
+def is_complete(record: Mapping[str, Any]) -> bool:
+    """True for a ``done`` run that trained all its ``max_epochs`` (``None`` or a negative
+    number: no epoch limit); a run cut short by ``trainer.max_time`` is not complete."""
+    max_epochs = record.get("max_epochs")
+    return record.get("status") == "done" and (
+        max_epochs is None or max_epochs < 0 or record.get("epochs", 0) >= max_epochs
+    )
 
 
 def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:

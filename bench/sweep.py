@@ -51,6 +51,7 @@ from bench.profile import profile
 from bench.records import (
     COST_ONLY,
     SCHEMA_VERSION,
+    is_complete,
     read_record,
     record_path,
     run_id,
@@ -312,12 +313,13 @@ def record_of(config: DictConfig) -> Path:
 
 
 def completed_run(config: DictConfig) -> bool:
-    """True if the run of ``config`` already has a valid record with status ``done``
-    (``bench.train`` skips such a run unless ``skip_done=false``)."""
+    """True if the run of ``config`` already has a valid, complete record (see
+    ``bench.records.is_complete``; ``bench.train`` skips such a run unless
+    ``skip_done=false``)."""
 
     path = record_of(config)
     try:
-        return path.is_file() and read_record(path)["status"] == "done"
+        return path.is_file() and is_complete(read_record(path))
     except ValueError:
         return False
 
@@ -376,7 +378,8 @@ def _quietly(function, config, default):
 
 
 def describe_record(path: Path) -> str:
-    """``done top1=.. top5=..`` or the record's ``failed: ..`` status, or why there is none."""
+    """``done top1=.. top5=..`` (saying so if the time guard cut the run short), the
+    record's ``failed: ..`` status, or why there is none."""
 
     if not path.is_file():
         return "failed: no run record"
@@ -384,9 +387,15 @@ def describe_record(path: Path) -> str:
         record = read_record(path)
     except ValueError as err:
         return f"failed: {err}"
-    if record["status"] == "done":
-        return f"done top1={record['top1']:.2f} top5={record['top5']:.2f}"
-    return record["status"]
+    if record["status"] != "done":
+        return record["status"]
+    outcome = f"done top1={record['top1']:.2f} top5={record['top5']:.2f}"
+    if not is_complete(record):
+        outcome += (
+            f" (cut short by the time guard after {record['epochs']} of"
+            f" {record['max_epochs']} epochs; raise trainer.max_time and run again to finish)"
+        )
+    return outcome
 
 
 # --- W&B sweep ----------------------------------------------------------------------------
@@ -521,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write a W&B sweep YAML for this grid instead of running it",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="validate and list the runs, run nothing"
+        "--dry-run",
+        action="store_true",
+        help="validate and list the runs, saying which are done; run nothing",
     )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides (key=value)")
     args = parser.parse_intermixed_args(argv)
@@ -543,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.dry_run:
         for run in runs:
-            print(f"[{run.index}/{run.total}] {run.name}")
+            state = "done, will be skipped" if completed_run(run.config) else "to run"
+            print(f"[{run.index}/{run.total}] {run.name}: {state}")
         return 0
     command = train_command(fixed, axes, LAUNCHERS[args.launcher](args.jobs))
     print("+ " + " ".join(command[1:]), flush=True)

@@ -9,7 +9,8 @@ One call is one run (or, with ``-m``, one Hydra multirun of runs):
    and the dataset on disk (``dm.check()`` names the missing path).
 3. The run id (``bench.records.run_id``) names the run's directory,
    ``<output_dir>/<ablation>/<run_id>/``; if a ``last.ckpt`` is there the run resumes from
-   it, and if the run record already says ``done`` the run is skipped (``skip_done``).
+   it, and if the run record says it is complete (``done``, every epoch trained) the run is
+   skipped (``skip_done``); one cut short by ``trainer.max_time`` resumes.
 4. Lightning trains with a CSV log, W&B (offline unless asked), ``ModelCheckpoint`` with
    ``last.ckpt`` after every epoch, and a check that stops on a non-finite loss.
 5. A run record is written at the end, ``done`` or ``failed: <reason>`` (the exception is
@@ -44,7 +45,14 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from bench.data import build_datamodule
 from bench.lit import LitClassifier, optimizer_spec
 from bench.profile import profile
-from bench.records import SCHEMA_VERSION, read_record, record_path, run_id, write_record
+from bench.records import (
+    SCHEMA_VERSION,
+    is_complete,
+    read_record,
+    record_path,
+    run_id,
+    write_record,
+)
 from bench.schedules import build_scheduler
 from modules import validate_placements
 
@@ -334,9 +342,16 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
             previous = read_record(path)
         except ValueError:
             previous = None
-        if previous is not None and previous["status"] == "done":
+        if previous is not None and is_complete(previous):
             log.info("run %s is done already (%s); skipping", rid, path)
             return previous
+        if previous is not None and previous["status"] == "done":
+            log.info(
+                "run %s was cut short by the time guard after %d of %d epochs; resuming it",
+                rid,
+                previous["epochs"],
+                previous["max_epochs"],
+            )
 
     seed = config["seed"]
     pl.seed_everything(seed, workers=True)

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from bench import records
 from bench.records import (
     check_record,
+    is_complete,
     load_records,
     read_record,
     record_path,
@@ -185,5 +186,14 @@ def test_run_id_ignores_outputs_logging_and_loader_workers():
         "run_name=mine",
         "data.root=/mnt/data/cifar10",
         "trainer.enable_progress_bar=false",
+        "trainer.max_time=00:00:45:00",
     ):
         assert run_id(composed("attention=se", change)) == base, change
+
+
+def test_a_run_cut_short_by_the_time_guard_is_not_complete():
+    assert is_complete(make_record(epochs=3, max_epochs=3))
+    assert not is_complete(make_record(epochs=2, max_epochs=3))
+    assert is_complete(make_record(epochs=5, max_epochs=-1))  # no epoch limit
+    failed = make_record(status="failed: RuntimeError: boom", top1=None, top5=None)
+    assert not is_complete(failed)

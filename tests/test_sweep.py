@@ -204,6 +204,12 @@ def test_progress_line_and_resume_check(tmp_path, capsys):
         "[3/8] cbam_arrangement attention.order=parallel seed=0: done top1=71.23 top5=90.00",
     ]
 
+    # A run the time guard cut short is not skipped, and its line says so.
+    write_record(path, {**record, "epochs": 2})
+    assert not sweep.completed_run(run.config)
+    progress.on_job_end(config, None)
+    assert "cut short by the time guard after 2 of 3 epochs" in capsys.readouterr().out
+
 
 def _tiny_data(root: Path) -> None:
     import numpy as np
@@ -292,3 +298,22 @@ def test_smoke_protocol_trains_on_its_cifar_subset_whatever_the_ablation_names()
     assert sweep.validate_sweep("cbam_arrangement", "cpu")[0].config.data.name == "imagenet"
     given = sweep.validate_sweep("cbam_arrangement", "smoke", ["data=imagenet"])
     assert given[0].config.data.name == "imagenet"
+
+
+def test_dry_run_lists_which_runs_are_done(experiments, tmp_path, capsys):
+    from bench.records import write_record
+    from tests.test_tables import make_record
+
+    _, calls = experiments
+    results = f"results_dir={tmp_path / 'results'}"
+    (run,) = sweep.validate_sweep(
+        "cbam_arrangement", "smoke", ["attention.order=parallel", results]
+    )
+    write_record(sweep.record_of(run.config), make_record("parallel", 0, 71.0, 90.0))
+    assert sweep.main(["cbam_arrangement", "--protocol", "smoke", "--dry-run", results]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert calls == [] and len(lines) > 1
+    assert [line for line in lines if line.endswith("done, will be skipped")] == [
+        line for line in lines if "attention.order=parallel" in line
+    ]
+    assert all(line.endswith(("to run", "done, will be skipped")) for line in lines)

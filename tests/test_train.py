@@ -103,6 +103,34 @@ def test_done_run_is_skipped(tiny_tree, tmp_path):
     assert train(cfg, callbacks=[FailIfTrained()]) == json.loads(json.dumps(first))
 
 
+class StopAfterFirstEpoch(pl.Callback):
+    """Stops training the way the ``trainer.max_time`` guard does, at an epoch's end."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+class EpochsTrained(pl.Callback):
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.seen.append(trainer.current_epoch)
+
+
+def test_run_cut_short_by_the_time_guard_resumes_when_started_again(tiny_tree, tmp_path):
+    overrides = [*tiny_overrides(tiny_tree, tmp_path), "trainer.max_epochs=2"]
+    cut = train(configure(*overrides, "trainer.limit_train_batches=1"), [StopAfterFirstEpoch()])
+    assert cut["status"] == "done" and (cut["epochs"], cut["max_epochs"]) == (1, 2)
+    # A larger guard is the same run (same id), so it finds the checkpoint and goes on.
+    longer = configure(*overrides, "trainer.limit_train_batches=1", "trainer.max_time=00:01:00:00")
+    epochs = EpochsTrained()
+    finished = train(longer, callbacks=[epochs])
+    assert finished["run_id"] == cut["run_id"]
+    assert epochs.seen == [1] and finished["epochs"] == 2
+    assert train(longer, callbacks=[FailIfTrained()])["epochs"] == 2
+
+
 def test_unused_attention_keys_do_not_split_runs():
     plain = resolve(configure("attention=none"))
     with_ratio = resolve(configure("attention=none", "attention.ratio=8"))
