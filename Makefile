@@ -62,7 +62,7 @@ tables: $(STAMP)  ## results/runs/**.json -> results/tables/*.{md,csv,tex,png} +
 	$(PY) -m bench.tables
 
 costs: $(STAMP)  ## params/GMACs of every ablation variant without training -> cost records + tables
-	$(PY) -m bench.tables --cost-only
+	$(PY) -m bench.costs
 
 bench: $(STAMP)  ## the cpu protocol benchmark: ResNet-20 on the full offline CIFAR-10, ~15 min on 2 cores
 	$(PY) -m bench.train protocol=cpu model=resnet20_cifar data=cifar10_images attention=none

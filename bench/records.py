@@ -77,7 +77,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "finished_at": (str,),
 }
 REQUIRED_WHEN_DONE = ("params", "gmacs", "top1", "top5", "best_top1", "best_top5")
-# Cost-only records (bench.tables --cost-only) profile a configuration without training it,
+# Cost-only records (bench.costs, make costs) profile a configuration without training it,
 # so cost tables are rebuilt from records too; they carry costs but no accuracy.
 COST_ONLY = "cost-only"
 REQUIRED_WHEN_COST_ONLY = ("params", "gmacs")

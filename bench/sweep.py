@@ -18,9 +18,6 @@ seed=0: done top1=...``.
 ``--wandb-sweep FILE`` writes a W&B sweep (grid over the same axes, ``bench.train`` as the
 program) instead of running, so agents on many machines can share one sweep:
 ``wandb sweep FILE`` then ``wandb agent <id>`` on each machine.
-
-``write_cost_records`` (``python -m bench.tables --cost-only``) builds every variant of
-the ablations at the paper's input size and records its params and GMACs without training.
 """
 
 from __future__ import annotations
@@ -30,11 +27,9 @@ import contextlib
 import copy
 import itertools
 import math
-import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,20 +40,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench.data import RECIPES
-from bench.lit import build_model
-from bench.profile import profile
 from bench.records import (
-    COST_ONLY,
-    SCHEMA_VERSION,
     is_complete,
     read_record,
     record_path,
     run_id,
-    write_record,
 )
-from bench.tables import variants_of
 from bench.train import resolve, validate
+from bench.variants import variants_of
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 ABLATIONS = EXPERIMENTS / "ablation"
@@ -420,84 +409,6 @@ def wandb_sweep(ablation: str, fixed: list[str], axes: list[Axis], project: str)
             "${args_no_hyphens}",
         ],
     }
-
-
-# --- cost records -------------------------------------------------------------------------
-
-
-def input_size(config: Mapping) -> tuple[int, int, int]:
-    """The paper's input size for a config: the data recipe's (32 for CIFAR, 224 for
-    ImageNet)."""
-
-    side = RECIPES[config["data"]["recipe"]]["image_size"]
-    return (3, side, side)
-
-
-def cost_record(run: PlannedRun) -> dict:
-    """A ``cost-only`` run record: params and GMACs of the run's model, no training."""
-    import timm
-    import torch
-
-    config = resolve(run.config)
-    size = input_size(config)
-    # A cost record describes a model, not a training run: its id must not collide with
-    # the trained run of the same config and seed.
-    config["cost_only"] = {"input_size": list(size)}
-    placements, classes = config["attention"]["placements"], config["data"]["num_classes"]
-    start = time.perf_counter()
-    try:
-        with torch.device("meta"):  # shapes only: fast, and the same counts
-            model, summary = build_model(config["model"], placements, classes)
-        costs = profile(model, input_size=size)
-    except NotImplementedError:  # a block that needs real data (FcaNet's DCT filters)
-        model, summary = build_model(config["model"], placements, classes)
-        costs = profile(model, input_size=size)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id(config),
-        "ablation": run.ablation,
-        "run_name": config["run_name"],
-        "status": COST_ONLY,
-        "config": config,
-        "params": int(costs["params"]),
-        "gmacs": float(costs["gmacs"]),
-        "profile": costs,
-        "attention": summary.to_dicts(),
-        "top1": None,
-        "top5": None,
-        "best_top1": None,
-        "best_top5": None,
-        "epochs": 0,
-        "max_epochs": None,
-        "throughput": None,
-        "wall_time_s": round(time.perf_counter() - start, 3),
-        "device": "meta",
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-        "git_commit": None,
-        "started_at": "",
-        "finished_at": "",
-    }
-
-
-def write_cost_records(
-    runs_dir: str | os.PathLike, ablations: Sequence[str] | None = None, progress: bool = True
-) -> list[Path]:
-    """Profile every variant of ``ablations`` (default: all) under its own protocol and
-    write one ``cost-only`` record per variant; existing cost records are kept."""
-    from tqdm import tqdm
-
-    planned = []
-    for ablation in ablations or ablation_names():
-        runs = validate_sweep(ablation, None, [f"results_dir={runs_dir}"])
-        seeds = {r.config.seed for r in runs}
-        planned += [r for r in runs if r.config.seed == min(seeds)]
-    written = []
-    for run in tqdm(planned, desc="cost-only", unit="variant", disable=not progress):
-        record = cost_record(run)
-        path = record_path(runs_dir, run.ablation, record["run_id"])
-        if not path.exists():
-            written.append(write_record(path, record))
-    return written
 
 
 # --- CLI ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import modules
 from bench import sweep
 from bench.reference import MissingReference, reference_table
-from bench.tables import variants_of
+from bench.variants import variants_of
 
 REPO = Path(__file__).resolve().parents[1]
 

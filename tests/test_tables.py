@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import tables
+from bench import costs, tables
 from bench.records import run_id, write_record
 from bench.reference import agrees, reference_table
 
@@ -148,12 +148,10 @@ def test_stale_tables_are_removed(synthetic, tmp_path):
 
 
 def test_cost_only_records_make_a_cost_table(tmp_path):
-    from bench.sweep import write_cost_records
-
-    written = write_cost_records(tmp_path / "runs", ["se_stage"], progress=False)
-    assert len(written) == 4
+    costs.main(["--results", str(tmp_path), "--ablation", "se_stage", "--no-plots"])
+    assert len(list((tmp_path / "runs" / "se_stage").glob("*.json"))) == 4
     # A second call finds the records and writes nothing (resume).
-    assert write_cost_records(tmp_path / "runs", ["se_stage"], progress=False) == []
+    assert costs.write_cost_records(tmp_path / "runs", ["se_stage"], progress=False) == []
     (table,) = tables.make_tables(tmp_path, plots=False)
     assert table.cost_only and table.setting == "cost"
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables/se_stage/cost.csv").read_text())))
@@ -167,8 +165,8 @@ def test_cost_only_records_make_a_cost_table(tmp_path):
 def committed(path: str) -> Path:
     full = RESULTS / path
     if not full.exists():
-        pytest.fail(f"{full} is not committed: run `make costs` (python -m bench.tables "
-                    "--cost-only) and commit results/")  # fmt: skip
+        pytest.fail(f"{full} is not committed: run `make costs` (python -m bench.costs) "
+                    "and commit results/")  # fmt: skip
     return full
 
 

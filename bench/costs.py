@@ -1,0 +1,126 @@
+"""Cost-only run records: params and GMACs of every variant of the ablations, no training.
+
+    python -m bench.costs [--results results] [--ablation NAME ...]     (make costs)
+
+Each variant is planned exactly as the sweep would run it (``bench.sweep.validate_sweep``,
+under the ablation's own protocol), built on the meta device and profiled at the paper's
+input size (the data recipe's: 32 for CIFAR, 224 for ImageNet). The record has status
+``cost-only`` and its own run id, so it never stands in for a trained run. Existing cost
+records are kept; the tables are rebuilt afterwards (``bench.tables.make_tables``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import timm
+import torch
+from tqdm import tqdm
+
+from bench.data import RECIPES
+from bench.lit import build_model
+from bench.profile import profile
+from bench.records import COST_ONLY, SCHEMA_VERSION, record_path, run_id, write_record
+from bench.sweep import PlannedRun, ablation_names, validate_sweep
+from bench.tables import make_tables
+from bench.train import resolve
+
+
+def input_size(config: Mapping) -> tuple[int, int, int]:
+    """The paper's input size for a config: the data recipe's (32 for CIFAR, 224 for
+    ImageNet)."""
+
+    side = RECIPES[config["data"]["recipe"]]["image_size"]
+    return (3, side, side)
+
+
+def cost_record(run: PlannedRun) -> dict:
+    """A ``cost-only`` run record: params and GMACs of the run's model, no training."""
+    config = resolve(run.config)
+    size = input_size(config)
+    # A cost record describes a model, not a training run: its id must not collide with
+    # the trained run of the same config and seed.
+    config["cost_only"] = {"input_size": list(size)}
+    placements, classes = config["attention"]["placements"], config["data"]["num_classes"]
+    start = time.perf_counter()
+    try:
+        with torch.device("meta"):  # shapes only: fast, and the same counts
+            model, summary = build_model(config["model"], placements, classes)
+        costs = profile(model, input_size=size)
+    except NotImplementedError:  # a block that needs real data (FcaNet's DCT filters)
+        model, summary = build_model(config["model"], placements, classes)
+        costs = profile(model, input_size=size)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id(config),
+        "ablation": run.ablation,
+        "run_name": config["run_name"],
+        "status": COST_ONLY,
+        "config": config,
+        "params": int(costs["params"]),
+        "gmacs": float(costs["gmacs"]),
+        "profile": costs,
+        "attention": summary.to_dicts(),
+        "top1": None,
+        "top5": None,
+        "best_top1": None,
+        "best_top5": None,
+        "epochs": 0,
+        "max_epochs": None,
+        "throughput": None,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "device": "meta",
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "git_commit": None,
+        "started_at": "",
+        "finished_at": "",
+    }
+
+
+def write_cost_records(
+    runs_dir: str | os.PathLike, ablations: Sequence[str] | None = None, progress: bool = True
+) -> list[Path]:
+    """Profile every variant of ``ablations`` (default: all) under its own protocol and
+    write one ``cost-only`` record per variant; existing cost records are kept."""
+    planned = []
+    for ablation in ablations or ablation_names():
+        runs = validate_sweep(ablation, None, [f"results_dir={runs_dir}"])
+        seeds = {r.config.seed for r in runs}
+        planned += [r for r in runs if r.config.seed == min(seeds)]
+    written = []
+    for run in tqdm(planned, desc="cost-only", unit="variant", disable=not progress):
+        record = cost_record(run)
+        path = record_path(runs_dir, run.ablation, record["run_id"])
+        if not path.exists():
+            written.append(write_record(path, record))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.costs",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path("results"),
+        help="results folder holding runs/ (default: results)",
+    )
+    parser.add_argument(
+        "--ablation", nargs="*", default=None, help="only these ablations (default: all)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    written = write_cost_records(args.results / "runs", args.ablation)
+    tables = make_tables(args.results, plots=not args.no_plots)
+    print(f"{len(written)} new cost record(s); {len(tables)} table(s) in {args.results / 'tables'}")
+
+
+if __name__ == "__main__":
+    main()
