@@ -11,8 +11,8 @@ records are kept; the tables are rebuilt afterwards (``bench.tables.make_tables`
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +25,8 @@ from bench.data import RECIPES
 from bench.lit import build_model
 from bench.profile import profile
 from bench.records import COST_ONLY, SCHEMA_VERSION, record_path, run_id, write_record
-from bench.sweep import PlannedRun, ablation_names, validate_sweep
-from bench.tables import make_tables
+from bench.sweep import PlannedRun, SweepError, ablation_names, validate_sweep
+from bench.tables import make_tables, results_parser
 from bench.train import resolve
 
 
@@ -100,27 +100,21 @@ def write_cost_records(
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.costs",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=Path("results"),
-        help="results folder holding runs/ (default: results)",
-    )
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = results_parser("python -m bench.costs", __doc__)
     parser.add_argument(
         "--ablation", nargs="*", default=None, help="only these ablations (default: all)"
     )
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
-    written = write_cost_records(args.results / "runs", args.ablation)
+    try:  # every variant is planned and validated before the first one is profiled
+        written = write_cost_records(args.results / "runs", args.ablation)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     tables = make_tables(args.results, plots=not args.no_plots)
     print(f"{len(written)} new cost record(s); {len(tables)} table(s) in {args.results / 'tables'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

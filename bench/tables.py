@@ -630,10 +630,11 @@ def make_tables(
     return tables
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def results_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options every command that rebuilds the tables shares (tables, costs)."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.tables",
-        description=__doc__.split("\n\n")[0],
+        prog=prog,
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -643,7 +644,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="results folder holding runs/ (default: results)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = results_parser("python -m bench.tables", __doc__).parse_args(argv)
     tables = make_tables(args.results, plots=not args.no_plots)
     print(f"{len(tables)} table(s) from {args.results / 'runs'} -> {args.results / 'tables'}")
 

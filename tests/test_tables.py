@@ -148,7 +148,7 @@ def test_stale_tables_are_removed(synthetic, tmp_path):
 
 
 def test_cost_only_records_make_a_cost_table(tmp_path):
-    costs.main(["--results", str(tmp_path), "--ablation", "se_stage", "--no-plots"])
+    assert costs.main(["--results", str(tmp_path), "--ablation", "se_stage", "--no-plots"]) == 0
     assert len(list((tmp_path / "runs" / "se_stage").glob("*.json"))) == 4
     # A second call finds the records and writes nothing (resume).
     assert costs.write_cost_records(tmp_path / "runs", ["se_stage"], progress=False) == []
@@ -160,6 +160,12 @@ def test_cost_only_records_make_a_cost_table(tmp_path):
 
 
 # --- the committed tables --------------------------------------------------------------
+
+
+def test_cost_only_names_an_unknown_ablation_before_any_work(tmp_path, capsys):
+    assert costs.main(["--results", str(tmp_path), "--ablation", "se_stage", "nope"]) == 2
+    assert "unknown ablation 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # se_stage was not profiled either
 
 
 def committed(path: str) -> Path:
