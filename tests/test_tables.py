@@ -159,13 +159,13 @@ def test_cost_only_records_make_a_cost_table(tmp_path):
     assert float(rows[-1]["params_m"]) == pytest.approx(28.088, abs=1e-3)  # SE-ResNet-50
 
 
-# --- the committed tables --------------------------------------------------------------
-
-
 def test_cost_only_names_an_unknown_ablation_before_any_work(tmp_path, capsys):
     assert costs.main(["--results", str(tmp_path), "--ablation", "se_stage", "nope"]) == 2
     assert "unknown ablation 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # se_stage was not profiled either
+
+
+# --- the committed tables --------------------------------------------------------------
 
 
 def committed(path: str) -> Path:
