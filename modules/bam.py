@@ -87,6 +87,8 @@ class BottleneckAttention(nn.Module):
             raise ValueError(f"combine={combine!r} only applies to mode='both', got {mode!r}")
         width = reduction_width(channels, rd_ratio, rd_divisor, rd_channels)
         self.combine = combine
+        # No-op hook point: a forward hook on ``gate`` sees ``attention(x)``, the sigmoid map.
+        self.gate = nn.Identity()
 
         self.channel_branch = None
         if mode in ("both", "channel"):
@@ -116,7 +118,7 @@ class BottleneckAttention(nn.Module):
             logits = self.channel_branch(x) + self.spatial_branch(x)  # (B, C, H, W)
         else:
             logits = self.channel_branch(x) * self.spatial_branch(x)
-        return torch.sigmoid(logits)
+        return self.gate(torch.sigmoid(logits))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * (1 + self.attention(x))

@@ -82,13 +82,15 @@ class ChannelAttention(nn.Module):
         self.pool_types = parse_pool_types("pool_types", pool_types, CHANNEL_ATTENTION_POOLS)
         self.rd_channels = reduction_width(channels, rd_ratio, rd_divisor, rd_channels)
         self.mlp = ChannelMLP(channels, self.rd_channels, bias=True)
+        # No-op hook point: a forward hook on ``gate`` sees the (B, C, 1, 1) gate values.
+        self.gate = nn.Identity()
 
     def attention(self, x: Tensor) -> Tensor:
         """The channel gate, ``(B, C, 1, 1)``."""
         # (P*B, C, 1, 1): all descriptors go through the MLP in one batch.
         pooled = torch.cat([global_pool(x, kind) for kind in self.pool_types], dim=0)
         logits = self.mlp(pooled).unflatten(0, (len(self.pool_types), x.shape[0])).sum(0)
-        return torch.sigmoid(logits)
+        return self.gate(torch.sigmoid(logits))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.attention(x)
@@ -121,6 +123,8 @@ class SpatialAttention(nn.Module):
         # A bias right before a BatchNorm would be cancelled by it.
         self.conv = nn.Conv2d(maps, 1, kernel_size, padding=kernel_size // 2, bias=not bn)
         self.norm = nn.BatchNorm2d(1, momentum=0.01) if bn else nn.Identity()
+        # No-op hook point: a forward hook on ``gate`` sees the (B, 1, H, W) gate values.
+        self.gate = nn.Identity()
 
     def attention(self, x: Tensor) -> Tensor:
         """The spatial gate, ``(B, 1, H, W)``."""
@@ -128,7 +132,7 @@ class SpatialAttention(nn.Module):
             d = self.reduce(x)  # (B, 1, H, W)
         else:
             d = torch.cat([CHANNEL_POOLS["avg"](x), CHANNEL_POOLS["max"](x)], dim=1)  # (B, 2, H, W)
-        return torch.sigmoid(self.norm(self.conv(d)))
+        return self.gate(torch.sigmoid(self.norm(self.conv(d))))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.attention(x)

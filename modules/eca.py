@@ -64,6 +64,8 @@ class EfficientChannelAttention(nn.Module):
             check_odd_kernel("kernel_size", kernel_size)
         self.kernel_size = kernel_size
         self.shared = shared
+        # No-op hook point: a forward hook on ``gate`` sees the (B, C, 1, 1) gate values.
+        self.gate = nn.Identity()
         if shared:
             self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
         else:
@@ -81,7 +83,7 @@ class EfficientChannelAttention(nn.Module):
             pad = self.kernel_size // 2
             windows = F.pad(y, (pad, pad)).unfold(1, self.kernel_size, 1)  # (B, C, k)
             logits = (windows * self.weight).sum(dim=-1)  # (B, C)
-        return x * torch.sigmoid(logits)[..., None, None]
+        return x * self.gate(torch.sigmoid(logits)[..., None, None])
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, shared={self.shared}"

@@ -46,6 +46,8 @@ class GatedChannelTransform(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        # No-op hook point: a forward hook on ``gate`` sees the (B, C, 1, 1) factor 1 + tanh.
+        self.gate = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "l2":
@@ -54,7 +56,7 @@ class GatedChannelTransform(nn.Module):
         else:
             s = x.abs().sum(dim=(2, 3), keepdim=True) * self.alpha
             s_hat = s / (s.abs().mean(dim=1, keepdim=True) + self.eps)
-        return x * (1.0 + torch.tanh(self.gamma * s_hat + self.beta))  # s_hat: (B, C, 1, 1)
+        return x * self.gate(1.0 + torch.tanh(self.gamma * s_hat + self.beta))  # (B, C, 1, 1)
 
     def no_weight_decay(self) -> set[str]:
         return {"beta"}
