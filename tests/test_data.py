@@ -326,6 +326,59 @@ def test_memory_mapped_dataset_pickles_by_path(tree):
     assert torch.equal(image, dataset[5][0]) and label == dataset[5][1]
 
 
+def val_batches(root, workers, context=None):
+    """Every validation batch of the PIL pipeline (cache off) of the tree at `root`."""
+    dm = build_datamodule(folder_cfg(root, cache=False), batch_size=6, num_workers=workers)
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    if context is not None:
+        loader.multiprocessing_context = context
+    return [tuple(t.numpy() for t in batch) for batch in loader]
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want) > 0
+    for (images, labels), (want_images, want_labels) in zip(got, want, strict=True):
+        assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_loader_workers_start_with_any_start_method(tree, method):
+    root, _ = tree
+    want = val_batches(root, 0)
+    assert len(want) == 3
+    assert_same_batches(val_batches(root, 1, method), want)
+
+
+def _joblib_job(root: str, cache_root: str) -> list:
+    os.environ["ATTN_BENCH_CACHE"] = cache_root
+    cached = build_datamodule(folder_cfg(root, cache=True), batch_size=6, num_workers=2)
+    cached.setup("fit")
+    return [val_batches(root, 2), [len(b[0]) for b in cached.train_dataloader()]]
+
+
+def test_loader_workers_start_inside_a_joblib_job(tree, cache_dir):
+    """hydra/launcher=joblib runs jobs in loky processes, whose default start method
+    (loky) cannot start torch's workers; the loaders must still work there."""
+    joblib = pytest.importorskip("joblib")
+    root, _ = tree
+    ((got, cached_sizes),) = joblib.Parallel(n_jobs=2, backend="loky")(
+        [joblib.delayed(_joblib_job)(str(root), str(cache_dir))]
+    )
+    assert_same_batches(got, val_batches(root, 0))
+    assert cached_sizes == [6, 6, 6]
+
+
+def test_uint8_loaders_run_in_the_main_process(tree):
+    root, _ = tree
+    dm = build_datamodule(folder_cfg(root, cache=True), batch_size=4, num_workers=2)
+    dm.setup("fit")
+    assert dm.train_dataloader().num_workers == dm.val_dataloader().num_workers == 0
+    plain = build_datamodule(folder_cfg(root, cache=False), batch_size=4, num_workers=2)
+    plain.setup("fit")
+    assert plain.train_dataloader().num_workers == 2
+
+
 def test_imagenet_recipe_gives_224_crops(tmp_path):
     root = tmp_path / "tiny"
     write_tree(root, per_class=1, size=(64, 48), fmt="jpg")
