@@ -42,15 +42,28 @@ CIFAR in torchvision's layout is read by our own few lines (same files and keys 
 `torchvision.datasets.CIFAR10/100`), because torchvision checks the md5 of every file on
 each load and so refuses locally made copies; `download: true` goes through
 torchvision's downloader, which checks the archive's md5.
+
+Missing data. A CIFAR ImageFolder copy (the default `data=cifar10_images`) whose root
+folder does not exist falls back to torchvision's copy under
+`$ATTN_BENCH_CACHE/torchvision/` (`download_root()`): used when it is there, else
+downloaded by `prepare_data` (once per node, on local rank 0; torchvision checks the
+MD5) and then used. Every missing-data error is one line (`MissingData`, a
+FileNotFoundError and a ValueError) naming the paths looked at and, after a failed
+download, why it failed and where to put a copy. `check_data(cfg)` runs those checks for
+a sweep before any run (file existence only; it downloads what can be downloaded).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import multiprocessing
 import os
 import pickle
+import shutil
+import socket
+import urllib.error
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,8 +80,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.datasets.utils import download_and_extract_archive
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _CACHE_VERSION = 1
@@ -116,6 +130,7 @@ class DatasetInfo:
     std: tuple[float, ...] | None = None
     torchvision: type[tvd.CIFAR10] | None = None  # torchvision's class, for its file layout
     hint: str = "Point data.root at a folder with <train_split>/ and <val_split>/ class folders."
+    offline: str | None = None  # the data config of an offline ImageFolder copy, if any
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -126,7 +141,8 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
         torchvision=tvd.CIFAR10,
-        hint="For the offline JPEG copy use data=cifar10_images. " + _OFFLINE_HINT,
+        hint=_OFFLINE_HINT,
+        offline="cifar10_images",
     ),
     "cifar100": DatasetInfo(
         num_classes=100,
@@ -220,6 +236,49 @@ def cache_dir() -> Path:
             "set ATTN_BENCH_CACHE elsewhere"
         )
     return path
+
+
+def download_root() -> Path:
+    """Where torchvision's checked downloads go (``<cache_dir>/torchvision``)."""
+    return cache_dir() / "torchvision"
+
+
+class MissingData(FileNotFoundError, ValueError):
+    """The data is not where the config says: one line naming the paths looked at."""
+
+
+def missing_torchvision_files(name: str, root: Path) -> list[str]:
+    """The files of torchvision's copy of `name` that are not under `root` (existence only)."""
+    layout = DATASETS[name].torchvision
+    files = [f for f, _ in layout.train_list + layout.test_list] + [layout.meta["filename"]]
+    return [f for f in files if not (root / layout.base_folder / f).is_file()]
+
+
+def download_torchvision(name: str, root: Path) -> None:
+    """torchvision's download of `name` (it checks the archive's MD5) into
+    ``root/<base_folder>/``. It lands in a temporary folder first and is renamed into
+    place, so a run or another job never sees half a copy."""
+    layout = DATASETS[name].torchvision
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / layout.base_folder
+    tmp = _temporary_twin(target)
+    try:
+        layout(root=str(tmp), train=True, download=True)
+        try:
+            os.replace(tmp / layout.base_folder, target)
+        except OSError:  # another process finished first: keep its copy if it is whole
+            if missing_torchvision_files(name, root):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_failure(err: BaseException) -> str:
+    """Why a download failed, in a few words on one line."""
+    if isinstance(err, (urllib.error.URLError, socket.timeout, ConnectionError)):
+        reason = getattr(err, "reason", err)
+        return f"no network ({reason})"
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -433,26 +492,69 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_size: int = RECIPES[recipe]["image_size"]
         self.datasets: dict[str, Dataset] = {}
 
-    def check(self, *, allow_download: bool = True) -> None:
-        """Fail now, naming the path looked at, if the data is not where the config says."""
+    def fallback_root(self) -> Path | None:
+        """Where torchvision's copy replaces a missing ImageFolder copy (CIFAR only)."""
         info = DATASETS[self.name]
+        if self.format != "imagefolder" or info.torchvision is None or self.recipe != "cifar":
+            return None
+        return download_root()
+
+    def _needs_fallback(self) -> bool:
+        return not self.root.exists() and self.fallback_root() is not None
+
+    def _missing_message(self, download: str) -> str:
+        """One line: the paths looked at, what happened to the download, where a copy goes."""
+        layout = DATASETS[self.name].torchvision
+        fallback = self.fallback_root()
+        return (
+            f"{self.name}: no copy at {self.root} (ImageFolder: <split>/<class>/<image>) "
+            f"nor at {fallback / layout.base_folder} (torchvision's), {download}; put the "
+            f"ImageFolder copy at {self.root} (or set ATTN_BENCH_DATA to the folder "
+            f"holding {self.root.name}/, see ../shared/data/README.md) or torchvision's "
+            f"{layout.base_folder}/ under {fallback}"
+        )
+
+    def check(self, *, allow_download: bool = True) -> None:
+        """Fail now, naming the path looked at, if the data is not where the config says.
+
+        File existence only. A missing CIFAR ImageFolder copy switches to torchvision's
+        copy (`fallback_root`) when that is complete; otherwise, with `allow_download`,
+        passes (`prepare_data` downloads it), else raises `MissingData`.
+        """
+        info = DATASETS[self.name]
+        if self._needs_fallback():
+            fallback = self.fallback_root()
+            if missing_torchvision_files(self.name, fallback):
+                if allow_download:
+                    return
+                raise MissingData(self._missing_message("not downloaded yet"))
+            log.warning(
+                "%s: no ImageFolder copy at %s; using torchvision's copy under %s "
+                "(the original pixels, not a JPEG export)",
+                self.name,
+                self.root,
+                fallback,
+            )
+            self.format, self.root = "torchvision", fallback
         if self.format == "torchvision":
-            folder = self.root / info.torchvision.base_folder
             layout = info.torchvision
-            files = [f for f, _ in layout.train_list + layout.test_list]
-            missing = [f for f in files + [layout.meta["filename"]] if not (folder / f).is_file()]
+            missing = missing_torchvision_files(self.name, self.root)
             if missing and not (allow_download and self.download):
-                raise FileNotFoundError(
-                    f"{self.name}: no torchvision copy at {folder} (missing {missing}). Set "
-                    "data.download=true where the internet is reachable, or point data.root "
-                    f"at a folder that contains {layout.base_folder}/. {info.hint}"
+                offline = ""
+                if info.offline:
+                    offline = f" For the offline ImageFolder copy use data={info.offline}."
+                raise MissingData(
+                    f"{self.name}: no torchvision copy at {self.root / layout.base_folder} "
+                    f"(missing {missing}). Set data.download=true where the internet is "
+                    f"reachable, or point data.root at a folder that contains "
+                    f"{layout.base_folder}/.{offline} {info.hint}"
                 )
             return
         classes = {}
         for split, folder_name in self.splits.items():
             folder = self.root / folder_name
             if not folder.is_dir():
-                raise FileNotFoundError(
+                raise MissingData(
                     f"{self.name}: no ImageFolder split at {folder} (layout "
                     f"<root>/<split>/<class>/<image>). {info.hint}"
                 )
@@ -468,18 +570,35 @@ class ImageDataModule(pl.LightningDataModule):
                 f" and {self.root / self.splits['val']} differ"
             )
 
-    def prepare_data(self) -> None:
-        """Download (torchvision, when asked) and build the caches once per node."""
+    def fetch(self) -> None:
+        """Download what `check` left to download (torchvision's copy, MD5-checked);
+        a failure is one `MissingData` line that says why."""
         self.check()
-        if self.format == "torchvision" and self.download:
-            layout = DATASETS[self.name].torchvision
+        if self._needs_fallback():
+            root = self.fallback_root()
+        elif self.format == "torchvision" and self.download:
+            root = self.root
+        else:
+            return
+        if missing_torchvision_files(self.name, root):
             try:
-                self.check(allow_download=False)
-            except FileNotFoundError:
-                download_and_extract_archive(
-                    layout.url, str(self.root), filename=layout.filename, md5=layout.tgz_md5
-                )
-        elif self.cache:
+                download_torchvision(self.name, root)
+            except Exception as err:
+                failure = f"and downloading it failed: {_download_failure(err)}"
+                if self.format == "torchvision":
+                    layout = DATASETS[self.name].torchvision
+                    raise MissingData(
+                        f"{self.name}: no torchvision copy at {root / layout.base_folder}, "
+                        f"{failure}; put one there or set data.root"
+                    ) from err
+                raise MissingData(self._missing_message(failure)) from err
+        self.check(allow_download=False)
+
+    def prepare_data(self) -> None:
+        """Download (torchvision, or the fallback of a missing CIFAR ImageFolder copy) and
+        build the caches, once per node."""
+        self.fetch()
+        if self.cache and self.format == "imagefolder":
             for split in self.splits:
                 self._load(split)
 
@@ -642,3 +761,18 @@ def build_datamodule(
         num_workers=num_workers,
         seed=seed,
     )
+
+
+def check_data(cfg: Mapping, *, download: bool = True) -> None:
+    """Fail before any run if the data `cfg` (a `data` config node) describes is missing.
+
+    For a sweep, once per dataset of its grid: validates the keys and checks that the
+    files exist (no image is decoded). Where torchvision can download a missing copy
+    (CIFAR), `download` fetches it now, in this one process, so parallel runs find it
+    there. Raises ValueError with a one-line message (`MissingData` for missing files).
+    """
+    datamodule = build_datamodule(cfg, batch_size=1, num_workers=0)
+    if download:
+        datamodule.fetch()
+    else:
+        datamodule.check(allow_download=False)

@@ -1,8 +1,11 @@
 """Data modules on tiny generated data (and a few images of the offline CIFAR-10 copy)."""
 
+import dataclasses
 import os
 import pickle
 import re
+import socket
+import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,11 +13,19 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchvision.datasets.cifar as tv_cifar
 from omegaconf import OmegaConf
 from PIL import Image
 
 import bench.data as data
-from bench.data import DATASETS, build_datamodule, random_crop_flip, select_subset
+from bench.data import (
+    DATASETS,
+    MissingData,
+    build_datamodule,
+    check_data,
+    random_crop_flip,
+    select_subset,
+)
 
 DATA_YAML = Path(__file__).resolve().parents[1] / "experiments" / "data"
 OFFLINE_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -251,6 +262,10 @@ def test_missing_data_fails_at_once_naming_the_path(tmp_path, cache_dir):
         dm.check()
     message = str(err.value)
     assert str(nowhere / "cifar-100-python") in message and "data.download=true" in message
+    assert "\n" not in message
+    cifar10 = build_datamodule({"name": "cifar10", "root": str(nowhere)}, batch_size=2)
+    with pytest.raises(FileNotFoundError, match="data=cifar10_images"):
+        cifar10.check()  # the torchvision copy is missing: the offline JPEG copy is named
     with pytest.raises(FileNotFoundError):
         dm.setup("fit")
     # With download=true check() passes (prepare_data would fetch) but setup still refuses.
@@ -265,6 +280,108 @@ def test_missing_data_fails_at_once_naming_the_path(tmp_path, cache_dir):
     with pytest.raises(FileNotFoundError, match=re.escape(str(nowhere / "train"))):
         dm.check()
     assert not nowhere.exists() and not cache_dir.exists()
+
+
+def write_cifar10_standin(root, per_class=2):
+    """torchvision's ``cifar-10-batches-py/`` layout under `root` (same files and keys),
+    `per_class` random images of each class in every batch; returns the test labels."""
+    rng = np.random.default_rng(3)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class_{i}" for i in range(10)]}, f)
+    labels = [c for c in range(10) for _ in range(per_class)]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pixels = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": pixels, "labels": labels}, f)
+    return labels
+
+
+def offline_cifar10_cfg(tmp_path, monkeypatch):
+    """data=cifar10_images with ATTN_BENCH_DATA pointing where there is no copy."""
+    monkeypatch.setenv("ATTN_BENCH_DATA", str(tmp_path / "offline"))
+    cfg = OmegaConf.to_container(OmegaConf.load(DATA_YAML / "cifar10_images.yaml"), resolve=True)
+    return cfg, tmp_path / "offline" / "cifar10"
+
+
+class FakeCIFAR10(tv_cifar.CIFAR10):
+    """torchvision's CIFAR10 whose download writes a stand-in instead of fetching."""
+
+    roots: list = []
+
+    def __init__(self, root, train=True, download=False):
+        FakeCIFAR10.roots.append(root)
+        write_cifar10_standin(Path(root))
+
+
+def test_a_missing_cifar10_copy_is_downloaded_into_the_cache(tmp_path, monkeypatch, cache_dir):
+    cfg, missing = offline_cifar10_cfg(tmp_path, monkeypatch)
+    FakeCIFAR10.roots = []
+    fake = dataclasses.replace(DATASETS["cifar10"], torchvision=FakeCIFAR10)
+    monkeypatch.setitem(DATASETS, "cifar10", fake)
+    dm = build_datamodule(cfg, batch_size=4, num_workers=0)
+    dm.check()  # passes: prepare_data will download
+    assert FakeCIFAR10.roots == []
+    with pytest.raises(MissingData, match=re.escape(str(missing))):
+        dm.check(allow_download=False)
+
+    dm.prepare_data()
+    assert len(FakeCIFAR10.roots) == 1  # one download, into a temporary folder
+    target = cache_dir / "torchvision" / "cifar-10-batches-py"
+    assert sorted(p.name for p in target.iterdir())[:2] == ["batches.meta", "data_batch_1"]
+    assert [p.name for p in target.parent.iterdir()] == ["cifar-10-batches-py"]  # no .tmp
+    assert (dm.format, dm.root) == ("torchvision", cache_dir / "torchvision")
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 100 and len(dm.datasets["val"]) == 20
+    images, labels = first_batch(dm.train_dataloader())
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+
+    # The next run (and a sweep's check) finds the copy without downloading again.
+    again = build_datamodule(cfg, batch_size=4, num_workers=0)
+    again.check(allow_download=False)
+    assert again.format == "torchvision"
+    check_data(cfg)
+    assert len(FakeCIFAR10.roots) == 1
+
+
+def test_offline_the_missing_copy_is_one_line_naming_the_paths(tmp_path, monkeypatch, cache_dir):
+    cfg, missing = offline_cifar10_cfg(tmp_path, monkeypatch)
+    calls = []
+
+    def no_network(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    # torchvision's own CIFAR10(download=True) runs; only its network step is replaced.
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    dm = build_datamodule(cfg, batch_size=4, num_workers=0)
+    with pytest.raises(MissingData) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert len(calls) == 1 and "\n" not in message
+    assert str(missing) in message and str(cache_dir / "torchvision") in message
+    assert "no network" in message and "Name or service not known" in message
+    assert "ATTN_BENCH_DATA" in message and "data=cifar10_images" not in message
+    assert not list((cache_dir / "torchvision").iterdir())  # no half copy left behind
+
+    with pytest.raises(ValueError, match="no network"):
+        check_data(cfg)
+    with pytest.raises(ValueError, match=re.escape(str(missing))):
+        check_data(cfg, download=False)
+    assert len(calls) == 2  # check_data(download=False) does not try
+
+
+def test_check_data_is_cheap_and_names_bad_configs(tree, monkeypatch):
+    root, _ = tree
+    monkeypatch.setattr(data, "decode_image", lambda p: pytest.fail("decoded an image"))
+    check_data(folder_cfg(root, cache=True))
+    with pytest.raises(ValueError, match="3 class folders"):
+        check_data(folder_cfg(root, num_classes=4))
+    with pytest.raises(ValueError, match="unknown data keys"):
+        check_data({**folder_cfg(root), "shuffle": True})
+    with pytest.raises(ValueError, match=re.escape(str(root / "nope"))):
+        check_data(folder_cfg(root, train_split="nope"))
 
 
 def test_folder_problems_are_named(tree, tmp_path):
@@ -403,8 +520,9 @@ def test_every_data_yaml_builds_and_checks(path, tmp_path, monkeypatch):
     dm = build_datamodule(cfg, batch_size=8)
     assert dm.num_classes == cfg["num_classes"]
     assert dm.image_size == {"cifar": 32, "imagenet": 224}[dm.recipe]
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "data"))):
-        dm.check()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "data"))) as err:
+        dm.check(allow_download=False)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
 
 
 @pytest.mark.skipif(not OFFLINE_CIFAR10.is_dir(), reason="offline CIFAR-10 copy not present")
