@@ -887,6 +887,24 @@ TARGET_COLUMNS = {
 }
 
 
+def _noise_line(models: list[dict]) -> str:
+    """The ratios of the ``none`` pairs: two identical models, so only noise moves them."""
+    cases = [
+        f"{row['backbone']} {mode} {row[f'{mode}_ratio']}"
+        for row in models
+        if row["block"] == "none"
+        for mode in ("train", "infer")
+        if row.get(f"{mode}_ratio") not in ("", None)
+    ]
+    if not cases:
+        return ""
+    return (
+        "- Noise reference: the `none` pairs time two identical models, and came out at "
+        + ", ".join(cases)
+        + " (ours/timm throughput; 1 is no difference)."
+    )
+
+
 def _target_summary(targets: list[dict]) -> list[str]:
     lines = []
     for name in dict.fromkeys(row["target"] for row in targets):
@@ -909,7 +927,7 @@ def render_markdown(meta: dict, models: list[dict], blocks, sdpa, targets) -> st
         f"(commit {meta['commit']}), torch {torch.__version__}, timm {timm.__version__}.",
         "",
         f"- Device: {meta['description']}",
-        f"- Total wall time: {meta['wall_s'] / 60:.1f} min",
+        f"- Total wall time: {meta['wall_s']:.0f} s ({meta['wall_s'] / 60:.1f} min)",
         f"- Load average (1 min) at the start {meta['load_start']:.2f}, at the end "
         f"{meta['load_end']:.2f}: on a quiet machine the first is near 0 and the second near "
         "the number of threads; more means other processes shared the CPUs.",
@@ -923,6 +941,7 @@ def render_markdown(meta: dict, models: list[dict], blocks, sdpa, targets) -> st
         "## Targets",
         "",
         *_target_summary(targets),
+        _noise_line(models),
         "",
         "Margin: how far the measured value is on the good side of the target (negative: "
         "missed by that much). A miss counts as within noise when it is smaller than the "
@@ -1089,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
     md_path, csv_path = write_report(
         Path(args.out), meta["device"], markdown, [*models, *blocks, *sdpa, *targets]
     )
-    print(f"wrote {md_path} and {csv_path} in {meta['wall_s'] / 60:.1f} min", file=sys.stderr)
+    print(f"wrote {md_path} and {csv_path} in {meta['wall_s']:.0f} s", file=sys.stderr)
     print("\n".join(_target_summary(targets)))
     return 0
 
