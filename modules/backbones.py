@@ -86,13 +86,19 @@ class StageSpec:
     def num_blocks(self) -> int:
         return len(self.in_channels)
 
+    def has_projection(self, unit: int) -> bool:
+        """Whether unit ``unit`` has a projection shortcut (timm's ``downsample``): only a
+        stage's first unit, where the stride or the width changes."""
+        return unit == 0 and (self.stride != 1 or self.in_channels[0] != self.out_channels)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
     cifar_stem: bool
-    stem_channels: int
+    stem_channels: int  # channels out of the stem, into the first stage
     stages: tuple[StageSpec, ...]
+    in_channels: int = 3  # image channels, into the stem's first convolution
 
     @property
     def num_stages(self) -> int:
@@ -238,13 +244,17 @@ def build_backbone(
 
 
 def residual_units(stage: nn.Module) -> list[nn.Module]:
-    """The residual blocks of a stage, skipping anything the injector appended to it."""
-    return [m for m in stage.children() if isinstance(m, (BasicBlock, Bottleneck))]
+    """The residual blocks of a stage, skipping anything the injector appended to it. A
+    unit the injector wrapped (position ``unit_input``) keeps the original as ``.layer``;
+    the original is returned."""
+    units = [getattr(m, "layer", m) for m in stage.children()]
+    return [m for m in units if isinstance(m, (BasicBlock, Bottleneck))]
 
 
 def _conv(module: nn.Module) -> nn.Conv2d:
-    # A convolution the injector wrapped keeps the original as ``.layer``.
-    return module if isinstance(module, nn.Conv2d) else module.layer
+    # A convolution the injector wrapped keeps the original as ``.layer``; a deep stem is
+    # a Sequential whose first convolution is the one that sees the input.
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
 def describe_backbone(model: nn.Module) -> BackboneSpec:
@@ -278,4 +288,5 @@ def describe_backbone(model: nn.Module) -> BackboneSpec:
         cifar_stem=isinstance(model.maxpool, nn.Identity),
         stem_channels=model.bn1.num_features,
         stages=tuple(stages),
+        in_channels=_conv(model.conv1).in_channels,
     )

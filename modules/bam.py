@@ -16,8 +16,10 @@ Where it may go: the paper places one BAM at each bottleneck of the network, whe
 feature map is downsampled, i.e. after every stage but the last ("stage_end" on stages
 1..3 of a ResNet, as in the official ResNet). Because the output is ``x * (1 + M)``, a
 refinement of the whole feature map rather than a gate on a residual branch, it is also
-sound between residual units ("post"), which lets a sweep compare "one BAM per stage"
-with "one BAM per unit" at an identical block; "residual" is left to SE/CBAM-style gates.
+sound between residual units ("post", or "unit_input": before a unit, so ``stages: [2],
+blocks: first, position: unit_input`` is the same spot as "stage_end" of stage 1), which
+lets a sweep compare "one BAM per stage" with "one BAM per unit" at an identical block;
+"residual" is left to SE/CBAM-style gates.
 
 Differences from the official code (Jongchan/attention-module, ``MODELS/bam.py``):
 - The official forward combines the branches by a PRODUCT, ``sigmoid(M_c * M_s)``,
@@ -59,7 +61,7 @@ def _conv_bn_relu(cin: int, cout: int, kernel_size: int = 1, dilation: int = 1) 
 class BottleneckAttention(nn.Module):
     """BAM: ``x * (1 + sigmoid(M_c + M_s))`` with parallel channel and spatial branches."""
 
-    positions = ("stage_end", "post")
+    positions = ("stage_end", "post", "unit_input")
 
     def __init__(
         self,

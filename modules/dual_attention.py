@@ -13,8 +13,10 @@ Fu et al., "Dual Attention Network for Scene Segmentation", https://arxiv.org/ab
 Both gammas start at 0, so every block here (with the default fusion) is the identity at
 initialisation; the gammas are returned by ``no_weight_decay`` (the official code decays
 them with everything else). Like non-local, these blocks carry their own skip connection,
-so ``positions`` are between residual units: "pre", "post", "stage_end" (DANet itself
-puts them on the last stage's output, i.e. "stage_end" of the last stage).
+so ``positions`` are between residual units: "unit_input" (before a unit, shortcut
+included), "post", "stage_end". DANet itself puts its heads on the backbone's last
+feature map, i.e. ``stages: [4], position: stage_end`` on a ResNet-50. "pre" is refused:
+it wraps only the residual branch's input, so the shortcut would skip the block.
 
 Differences from the paper and the official code (junfu1115/DANet, ``da_att.py``):
 - CAM energy: the paper's Eq. 3 is ``softmax(A_i . A_j)``; the official code computes
@@ -45,7 +47,7 @@ from .registry import register
 
 ENERGIES = ("max_minus", "plain")
 FUSIONS = ("sum", "conv")
-POSITIONS = ("pre", "post", "stage_end")
+POSITIONS = ("unit_input", "post", "stage_end")
 
 
 @register("danet_position")

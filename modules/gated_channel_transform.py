@@ -17,6 +17,17 @@ gating bias ``beta`` from weight decay (the official README notes that decaying 
 ResNet-50 but not other backbones), so ``no_weight_decay()`` is ``{"beta"}``; ``alpha`` and
 ``gamma`` are decayed.
 
+Where it goes: the official PyTorch ResNet (``PyTorch/resnet.py``, maskrcnn-benchmark's
+ResNet with ``STRIDE_IN_1X1``) puts a GCT before every convolution: ``GCT(3)`` before the
+stem's 7x7 conv, ``GCT(in)`` before conv1, ``GCT(width)`` before conv2 and conv3, and,
+in the units whose shortcut is a projection (``in_channels != out_channels``), a separate
+``GCT(in)`` as the first layer of ``downsample`` (it sees the same x as conv1's GCT but has
+its own parameters). In placements that is ``{block: gct, position: stem}`` plus
+``{block: gct, stages: all, position: before_convs}`` (on
+``build_backbone(..., stride_in_1x1=True)`` for the official strides); ResNet-50 then has 53
+GCTs, 67,593 parameters. The official code has no BasicBlock version; ``before_convs`` on a
+BasicBlock puts one before conv1, conv2 and the projection.
+
 Difference from the official code: ``mode='l1'`` always takes ``|x|`` (the official
 ``after_relu`` flag only skips the ``abs`` when the input is known to be non-negative, which
 gives the same values). ``eps`` is the official 1e-5.

@@ -15,13 +15,30 @@ Positions, relative to one residual unit ``out = act(F(x) + S(x))``:
 - ``after_conv1`` / ``after_conv2``: inside F, after the first / second convolution's norm
   and activation (``after_conv2`` exists only in a Bottleneck).
 - ``stage_end``: once after the last unit of a stage.
+- ``unit_input``: on the unit's input x, before both F and S, i.e. a block between the
+  previous unit and this one (where the non-local paper puts its blocks: ``blocks: last,
+  stages: [3]`` is "one block right before the last residual unit of res4"; our stages
+  1..4 are the papers' res2..res5). Unlike ``pre``, the shortcut sees the block's output.
+- ``before_convs``: one block before every convolution of the unit: conv1, conv2, conv3
+  (Bottleneck) and the projection conv of the shortcut where there is one. Each is its
+  own block, at that convolution's input width; the projection's block is not shared
+  with conv1's although both see x. This is GCT's placement (z-x-yang/GCT,
+  ``PyTorch/resnet.py``: ``nn.Sequential(GCT(c), Conv2d(...))`` for conv1/conv2/conv3 and
+  ``downsample = nn.Sequential(GCT(in_channels), Conv2d(...), bn)``).
+- ``stem``: one block before the stem's first convolution, on the image itself (GCT's
+  ``GCT(3)`` in the official ``BaseStem``). It belongs to no stage: ``stages``,
+  ``blocks`` and ``stage_args`` must be left out (the normalised form has ``stages: []``);
+  its summary row has stage 0 and its path is ``conv1.attention.<i>``.
 
-Blocks are added by wrapping the unit's own submodules (``se``, ``conv1``, ``act1``,
-``act2``/``act3``, ``downsample``) in ``WithAttention``, never by rewriting timm's forward.
-Every injected block lives at a path ``layer<stage>.<...>.attention.<i>``, so a profiler
-finds the blocks by type (``attention_modules``) and their stage by the path's first part.
-Everything is validated (keys, names, stages, indices, positions, argument names and values)
-before the model is touched.
+Blocks are added by wrapping the unit's own submodules (``se``, ``conv1``, ``conv2``,
+``conv3``, ``act1``, ``act2``/``act3``, ``downsample`` and the projection conv inside it),
+the unit itself (``unit_input``) or the stem's ``conv1`` in ``WithAttention``, never by
+rewriting timm's forward. A wrapped module keeps its original as ``.layer`` (so its
+state-dict keys gain a ``.layer``). Every block in a stage lives at a path
+``layer<stage>.<...>.attention.<i>``, so a profiler finds the blocks by type
+(``attention_modules``) and their stage by the path's first part; the stem's block is under
+``conv1``, the stem's own top-level child. Everything is validated (keys, names, stages,
+indices, positions, argument names and values) before the model is touched.
 """
 
 from __future__ import annotations
@@ -46,7 +63,8 @@ from .registry import (
 PLACEMENT_KEYS = ("block", "stages", "blocks", "position", "args", "stage_args")
 BLOCK_CHOICES = ("all", "first", "last")
 
-# The unit's submodule each position wraps, and whether the attention runs before it.
+# Positions with one site per unit: the unit's submodule each wraps, and whether the
+# attention runs before it. (stage_end, unit_input, before_convs and stem are placed apart.)
 _SITES: dict[str, dict[str, tuple[str, bool]]] = {
     "basic": {
         "residual": ("se", False),
@@ -64,6 +82,11 @@ _SITES: dict[str, dict[str, tuple[str, bool]]] = {
         "identity": ("downsample", False),
     },
 }
+
+
+# before_convs: the unit's convolutions, in the order their sites are listed.
+_CONVS = {"basic": ("conv1", "conv2"), "bottleneck": ("conv1", "conv2", "conv3")}
+PROJECTION = "downsample"
 
 
 class WithAttention(nn.Module):
@@ -92,8 +115,8 @@ class InjectedBlock:
 
     placement: int  # index in the list of placements
     block: str
-    stage: int
-    block_index: int | None  # None for stage_end
+    stage: int  # 1-based; 0 for position stem
+    block_index: int | None  # None for stage_end and stem
     position: str
     channels: int
     params: int
@@ -107,9 +130,10 @@ class InjectionSummary(list):
         return sum(row.params for row in self)
 
     def params_by_stage(self) -> dict[str, int]:
+        """Parameters per ``layer<N>``, and ``stem`` for blocks at position ``stem``."""
         totals: dict[str, int] = {}
         for row in self:
-            key = f"layer{row.stage}"
+            key = _stage_label(row)
             totals[key] = totals.get(key, 0) + row.params
         return totals
 
@@ -128,14 +152,16 @@ class InjectionSummary(list):
         lines = [header]
         for group in groups:
             first = group[0]
-            units = _index_ranges([r.block_index for r in group])
+            units = (
+                "-" if first.position == "stem" else _index_ranges([r.block_index for r in group])
+            )
             lines.append(
                 (
                     str(first.placement),
                     first.block,
-                    f"layer{first.stage}",
+                    _stage_label(first),
                     units,
-                    first.position,
+                    _position_label(first),
                     str(first.channels),
                     f"{first.params:,}",
                     str(len(group)),
@@ -152,7 +178,19 @@ class InjectionSummary(list):
 
 
 def _group(row: InjectedBlock) -> tuple:
-    return (row.placement, row.block, row.stage, row.position, row.channels, row.params)
+    return (row.placement, row.block, row.stage, _position_label(row), row.channels, row.params)
+
+
+def _stage_label(row: InjectedBlock) -> str:
+    return "stem" if row.stage == 0 else f"layer{row.stage}"
+
+
+def _position_label(row: InjectedBlock) -> str:
+    """The position, and for ``before_convs`` which convolution (read off the path)."""
+    if row.position != "before_convs":
+        return row.position
+    conv = next(p for p in row.path.split(".") if p in (*_CONVS["bottleneck"], PROJECTION))
+    return f"before_convs:{conv}"
 
 
 def _index_ranges(indices: list[int | None]) -> str:
@@ -251,11 +289,13 @@ def _unit_indices(where: str, blocks, stage: StageSpec) -> list[int]:
     return sorted(resolved)
 
 
-def _channels(stage: StageSpec, position: str, unit: int | None) -> int:
-    if position == "pre":
+def _channels(stage: StageSpec, position: str, unit: int | None, conv: str | None) -> int:
+    if position in ("pre", "unit_input"):
         return stage.in_channels[unit]
     if position in ("after_conv1", "after_conv2"):
         return stage.width
+    if position == "before_convs":
+        return stage.in_channels[unit] if conv in ("conv1", PROJECTION) else stage.width
     return stage.out_channels
 
 
@@ -263,11 +303,68 @@ def _channels(stage: StageSpec, position: str, unit: int | None) -> int:
 class _Site:
     placement: int
     block: str
-    stage: StageSpec
-    unit: int | None
+    stage: StageSpec | None  # None for position stem
+    unit: int | None  # None for stage_end and stem
     position: str
     channels: int
     args: dict
+    conv: str | None = None  # before_convs: conv1, conv2, conv3 or downsample
+
+    @property
+    def stage_index(self) -> int:
+        return 0 if self.stage is None else self.stage.index
+
+
+def _unit_sites(position: str, stage: StageSpec, units: list[int]) -> list[tuple]:
+    """(unit, conv) of every block a placement puts in ``stage``. ``before_convs`` lists
+    all units' conv1 sites, then all conv2 sites, ..., then the projections, so that the
+    summary table merges each kind of site into one line."""
+    if position == "stage_end":
+        return [(None, None)]
+    if position != "before_convs":
+        return [(u, None) for u in units]
+    sites = [(u, conv) for conv in _CONVS[stage.block] for u in units]
+    return sites + [(u, PROJECTION) for u in units if stage.has_projection(u)]
+
+
+def _resolve(where: str, name: str, args: dict, spec: BackboneSpec, stage) -> dict:
+    """The block's own resolution of arguments that depend on the backbone and stage."""
+    resolve = getattr(block_class(name), "resolve_arguments", None)
+    if resolve is None:
+        return args
+    try:
+        return resolve(dict(args), spec, stage)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _normalise_stem(where: str, placement: dict, spec: BackboneSpec, head: str, index: int):
+    """Position ``stem``: one block before the stem's first convolution, in no stage."""
+    for key, empty in (("stages", []), ("blocks", "all"), ("stage_args", {})):
+        if key in placement and placement[key] not in (empty, None):
+            raise ValueError(
+                f"{where}: position 'stem' places one block before the stem's first "
+                f"convolution, outside the stages; leave out {key!r} "
+                f"(got {key}={placement[key]!r})"
+            )
+    args = placement.get("args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}: args must be a mapping of block arguments, got {args!r}")
+    name = placement["block"]
+    try:
+        check_arguments(name, args)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    merged = _resolve(f"{head} ({name}, stem)", name, args, spec, None)
+    normalised = {
+        "block": name,
+        "stages": [],
+        "blocks": "all",
+        "position": "stem",
+        "args": args,
+        "stage_args": {},
+    }
+    return normalised, [_Site(index, name, None, None, "stem", spec.in_channels, merged)]
 
 
 def _normalise(index: int, raw, spec: BackboneSpec, prefix: str) -> tuple[dict, list[_Site]]:
@@ -303,10 +400,18 @@ def _normalise(index: int, raw, spec: BackboneSpec, prefix: str) -> tuple[dict, 
         )
     allowed = block_positions(name)
     if position not in allowed:
+        hint = ""
+        if position == "pre" and "unit_input" in allowed:
+            hint = (
+                " ('pre' is on the residual branch's input only, so the shortcut skips the "
+                "block; 'unit_input' runs it on the whole unit's input, between units)"
+            )
         raise ValueError(
             f"{where}: block {name!r} cannot be placed at position {position!r}; "
-            f"it allows {', '.join(allowed)}"
+            f"it allows {', '.join(allowed)}{hint}"
         )
+    if position == "stem":
+        return _normalise_stem(where, placement, spec, head, index)
 
     stages = _stages(where, placement.get("stages", "all"), spec)
     blocks = _blocks(where, placement.get("blocks", "all"))
@@ -356,11 +461,12 @@ def _normalise(index: int, raw, spec: BackboneSpec, prefix: str) -> tuple[dict, 
                 f"{stage_number} of {spec.name} has BasicBlocks, whose second convolution "
                 f"ends the residual branch; use position 'residual'"
             )
-        units = [None] if position == "stage_end" else _unit_indices(stage_where, blocks, stage)
+        units = [] if position == "stage_end" else _unit_indices(stage_where, blocks, stage)
         merged = {**args, **stage_args.get(stage_number, {})}
+        merged = _resolve(stage_where, name, merged, spec, stage)
         sites += [
-            _Site(index, name, stage, u, position, _channels(stage, position, u), merged)
-            for u in units
+            _Site(index, name, stage, u, position, _channels(stage, position, u, c), merged, c)
+            for u, c in _unit_sites(position, stage, units)
         ]
     normalised = {
         "block": name,
@@ -387,8 +493,9 @@ def _check_values(sites: list[_Site], prefix: str) -> None:
             try:
                 build_attention(site.block, site.channels, **site.args)
             except (ValueError, TypeError) as err:
+                stage = "stem" if site.stage is None else f"stage {site.stage.index}"
                 raise ValueError(
-                    f"{prefix}[{site.placement}] ({site.block}, stage {site.stage.index}): {err}"
+                    f"{prefix}[{site.placement}] ({site.block}, {stage}): {err}"
                 ) from None
 
 
@@ -422,55 +529,88 @@ def validate_placements(placements, backbone, prefix: str = "attention") -> list
 # --- injection -----------------------------------------------------------------------
 
 
-def _attach(model: nn.Module, site: _Site, block: nn.Module) -> str:
-    """Put ``block`` at ``site`` and return its path in the model."""
+def _wrap(parent: nn.Module, attr: str, before: bool, block: nn.Module) -> None:
+    """Append ``block`` to the ``WithAttention`` around ``parent.<attr>``, wrapping it first
+    if it is not wrapped yet."""
+    holder = getattr(parent, attr)
+    if not isinstance(holder, WithAttention):
+        holder = WithAttention(holder, before)
+        setattr(parent, attr, holder)
+    holder.attention.append(block)
+
+
+def _projection_conv(unit: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the shortcut's projection convolution, looking through the
+    ``WithAttention`` that position ``identity`` puts around the whole downsample."""
+    downsample = unit.downsample
+    if isinstance(downsample, WithAttention) and downsample.layer is not None:
+        downsample = downsample.layer
+    for attr, child in downsample.named_children():
+        inner = child.layer if isinstance(child, WithAttention) else child
+        if isinstance(inner, nn.Conv2d):
+            return downsample, attr
+    raise ValueError(f"the unit's downsample has no convolution: {downsample}")
+
+
+def _attach(model: nn.Module, site: _Site, block: nn.Module) -> None:
+    """Put ``block`` at ``site``."""
+    if site.position == "stem":
+        return _wrap(model, "conv1", True, block)
     stage = getattr(model, site.stage.name)
     if site.position == "stage_end":
         if not hasattr(stage, "attention"):
             stage.add_module("attention", nn.Sequential())
-        stage.attention.append(block)
-        return f"{site.stage.name}.attention.{len(stage.attention) - 1}"
+        return stage.attention.append(block)
     unit = residual_units(stage)[site.unit]
+    if site.position == "unit_input":
+        name = next(n for n, m in stage.named_children() if getattr(m, "layer", m) is unit)
+        return _wrap(stage, name, True, block)
+    if site.position == "before_convs" and site.conv == PROJECTION:
+        return _wrap(*_projection_conv(unit), True, block)
+    if site.position == "before_convs":
+        return _wrap(unit, site.conv, True, block)
     attr, before = _SITES[site.stage.block][site.position]
-    holder = getattr(unit, attr)
-    if not isinstance(holder, WithAttention):
-        holder = WithAttention(holder, before)
-        setattr(unit, attr, holder)
-    holder.attention.append(block)
-    unit_path = next(name for name, m in stage.named_children() if m is unit)
-    return f"{site.stage.name}.{unit_path}.{attr}.attention.{len(holder.attention) - 1}"
+    return _wrap(unit, attr, before, block)
 
 
 def inject(model: nn.Module, placements, prefix: str = "attention") -> InjectionSummary:
     """Add the attention blocks of ``placements`` to a built timm ResNet, in list order
     (several blocks at one spot run in that order), and return what went where.
 
+    The summary's paths are those after this call. A later call that wraps a module holding
+    blocks of this one (``unit_input`` wraps the unit, ``identity`` the downsample) moves
+    those blocks under the wrapper's ``.layer``; ``attention_modules`` always has the
+    current paths.
+
     Nothing is changed unless every placement is valid. New blocks take the model's
     device, dtype and train/eval mode.
     """
     _, sites = _plan(placements, model, prefix)
     reference = next(model.parameters(), None)
-    summary = InjectionSummary()
+    blocks = []
     for site in sites:
         block = build_attention(site.block, site.channels, **site.args)
         if reference is not None:
             block.to(device=reference.device, dtype=reference.dtype)
         block.train(model.training)
-        path = _attach(model, site, block)
-        params = sum(p.numel() for p in block.parameters())
-        summary.append(
-            InjectedBlock(
-                site.placement,
-                site.block,
-                site.stage.index,
-                site.unit,
-                site.position,
-                site.channels,
-                params,
-                path,
-            )
+        _attach(model, site, block)
+        blocks.append(block)
+    # Paths are read once everything is in place: a later site may wrap a module that
+    # holds an earlier block (unit_input wraps the unit, identity the downsample).
+    paths = {id(module): path for path, module in model.named_modules()}
+    return InjectionSummary(
+        InjectedBlock(
+            site.placement,
+            site.block,
+            site.stage_index,
+            site.unit,
+            site.position,
+            site.channels,
+            sum(p.numel() for p in block.parameters()),
+            paths[id(block)],
         )
-    return summary
+        for site, block in zip(sites, blocks, strict=True)
+    )
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -23,10 +23,15 @@ Memory: the softmax forms run through ``scaled_dot_product_attention`` (linear i
 linear), and only "concatenation" builds the N x N matrix, since its ReLU sits between
 the pairwise terms and the sum.
 
-Where it may go: the paper inserts non-local blocks between residual units (e.g. before
-the last unit of a stage); the block carries its own residual connection and is the
-identity at initialisation, so ``positions`` are "pre", "post" and "stage_end". Inside a
-residual branch it would nest a second skip connection in the branch.
+Where it may go: the paper inserts non-local blocks between residual units; its default
+2D model has one block "right before the last residual block of res4", i.e.
+``stages: [3], blocks: last, position: unit_input`` here (our stages 1..4 are res2..res5;
+the official ``res_stage_nonlocal`` adds the block after unit ``idx``, which is the same
+spot). The block carries its own residual connection and is the identity at
+initialisation, so ``positions`` are "unit_input" (before a unit, shortcut included),
+"post" (after a unit) and "stage_end". "pre" is refused: it wraps only the residual
+branch's input, so the shortcut would skip the block; inside a residual branch it would
+nest a second skip connection in the branch.
 
 Differences from the official code (facebookresearch/video-nonlocal-net) and the paper:
 - The official config scales the embedded-Gaussian affinity by 1/sqrt(inter_channels)
@@ -58,7 +63,7 @@ SOFTMAX_PAIRWISE = ("gaussian", "embedded_gaussian")
 class NonLocal(nn.Module):
     """Non-local block, ``z = BN(W_z y) + x`` with BN gamma initialised to 0."""
 
-    positions = ("pre", "post", "stage_end")
+    positions = ("unit_input", "post", "stage_end")
 
     def __init__(
         self,

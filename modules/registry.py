@@ -21,6 +21,9 @@ POSITIONS = (
     "after_conv1",
     "after_conv2",
     "stage_end",
+    "unit_input",
+    "before_convs",
+    "stem",
 )
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
@@ -31,6 +34,12 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
     A block class may set ``positions`` (a tuple drawn from ``POSITIONS``) to say where
     it makes sense; the injector refuses the others. The default is every position.
+
+    A block class may also define a classmethod
+    ``resolve_arguments(kwargs, backbone, stage) -> dict``: the injector calls it with a
+    placement's arguments for one stage (``backbone`` a ``BackboneSpec``, ``stage`` a
+    ``StageSpec``, or None for position ``stem``) before building, so that an argument
+    value can name something only the backbone knows (ECA's ``kernel_size='released'``).
     """
 
     def add(cls: type[nn.Module]) -> type[nn.Module]:

@@ -386,9 +386,10 @@ def test_bam_spatial_branch_uses_dilated_convs():
 
 
 def test_positions():
+    # between residual units only: "pre" would let the shortcut skip the block
     for name in ("non_local", "danet_position", "danet_channel", "danet"):
-        assert set(block_positions(name)) == {"pre", "post", "stage_end"}
-    assert set(block_positions("bam")) == {"stage_end", "post"}
+        assert set(block_positions(name)) == {"unit_input", "post", "stage_end"}
+    assert set(block_positions("bam")) == {"stage_end", "post", "unit_input"}
     assert "residual" in block_positions("gc")
 
 

@@ -95,13 +95,24 @@ def structure(model: nn.Module) -> tuple[list[str], list[str]]:
 
 MATRIX_BLOCKS = sorted(set(modules.available()) | {"_test_gate"})
 
+# Blocks one placement with stages: all puts in tiny(kind): 4 units; 3 stages; one stem;
+# before_convs: 2 (basic) or 3 (bottleneck) convs per unit plus the projections (stages
+# 2 and 3 of the basic net, 1-3 of the bottleneck net).
+EXPECTED_SITES = {
+    "stage_end": {"basic": 3, "bottleneck": 3},
+    "stem": {"basic": 1, "bottleneck": 1},
+    "before_convs": {"basic": 4 * 2 + 2, "bottleneck": 4 * 3 + 3},
+}
+
 
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 @pytest.mark.parametrize("name", MATRIX_BLOCKS)
 def test_every_block_in_every_position(name, kind, position):
     model = tiny(kind)
-    placement = [{"block": name, "stages": "all", "position": position}]
+    placement = [{"block": name, "position": position}]
+    if position != "stem":
+        placement[0]["stages"] = "all"
     if position not in block_positions(name) or (position == "after_conv2" and kind == "basic"):
         before = structure(model)
         with pytest.raises(ValueError, match=position) as err:
@@ -109,8 +120,13 @@ def test_every_block_in_every_position(name, kind, position):
         assert name in str(err.value) and "position" in str(err.value)
         assert structure(model) == before
         return
+    if position == "stem" and name == "fca":
+        # FcaNet's default 16 frequency groups need at least 16 channels, not the image's 3
+        with pytest.raises(ValueError, match=r"fca, stem\): freq_sel='top16'.*3 channels"):
+            inject(model, placement)
+        placement[0]["args"] = {"freq_sel": "top1", "rd_ratio": 1.0}
     summary = inject(model, placement)
-    assert len(summary) == (3 if position == "stage_end" else 4)
+    assert len(summary) == EXPECTED_SITES.get(position, {}).get(kind, 4)
     assert {row.path for row in summary} == {path for path, _ in attention_modules(model)}
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
@@ -120,7 +136,7 @@ def test_every_block_in_every_position(name, kind, position):
     for row in summary:
         block = model.get_submodule(row.path)
         assert type(block) is block_class(name)
-        assert row.path.startswith(f"layer{row.stage}.")
+        assert row.path.startswith("conv1." if row.stage == 0 else f"layer{row.stage}.")
         params = list(block.parameters())
         assert row.params == sum(p.numel() for p in params)
         assert all(p.grad is not None for p in params), row.path
@@ -150,6 +166,7 @@ def reference(unit: nn.Module, x: torch.Tensor, gates: dict[str, torch.Tensor]) 
     def g(position):
         return gates.get(position, 1.0)
 
+    x = x * g("unit_input")
     shortcut = x if unit.downsample is None else unit.downsample(x)
     h = unit.act1(unit.bn1(unit.conv1(x * g("pre")))) * g("after_conv1")
     if hasattr(unit, "conv3"):
@@ -160,7 +177,8 @@ def reference(unit: nn.Module, x: torch.Tensor, gates: dict[str, torch.Tensor]) 
     return torch.relu(h * g("residual") + shortcut * g("identity")) * g("post")
 
 
-UNIT_POSITIONS = [p for p in POSITIONS if p != "stage_end"]
+# positions with one block per unit
+UNIT_POSITIONS = [p for p in POSITIONS if p not in ("stage_end", "before_convs", "stem")]
 
 
 @pytest.mark.parametrize("position", UNIT_POSITIONS)
@@ -177,9 +195,12 @@ def test_position_semantics(position, kind, stage, index):
     gate = model.get_submodule(row.path).weight
     gate.data.uniform_(0.2, 2.0)
     x = torch.randn(2, original.conv1.in_channels, 8, 8)
+    # what the stage runs for this unit: the unit, or the wrapper around it (unit_input)
+    site = getattr(model, f"layer{stage}")[index]
+    assert (site is unit) == (position != "unit_input")
     with torch.no_grad():
         expected = reference(original, x, {position: gate.view(1, -1, 1, 1)})
-        assert torch.allclose(unit(x), expected, atol=1e-5)
+        assert torch.allclose(site(x), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
@@ -261,6 +282,7 @@ def test_channels_follow_the_position():
         "identity": 128,
         "after_conv1": 32,
         "after_conv2": 32,
+        "unit_input": 64,
     }
     pre = inject(tiny("basic"), [{"block": "_test_gate", "position": "pre", "stages": [1, 2]}])
     assert [(r.stage, r.block_index, r.channels) for r in pre] == [
@@ -409,6 +431,214 @@ def test_wrapped_modules_keep_the_original():
     assert "layer1.0.conv1.layer.weight" in model.state_dict()
 
 
+# --- unit_input, before_convs, stem (issue #11: blocks where their papers put them) -------
+
+
+def set_gates(model, summary, low=0.2, high=2.0):
+    """Random per-channel values for every injected _test_gate; {path: (1, C, 1, 1)}."""
+    gates = {}
+    for row in summary:
+        weight = model.get_submodule(row.path).weight
+        weight.data.uniform_(low, high)
+        gates[row.path] = weight.view(1, -1, 1, 1)
+    return gates
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_unit_input_feeds_the_shortcut_unlike_pre(kind):
+    # A zero gate: at pre only the shortcut of x remains; at unit_input the unit sees 0.
+    for position in ("pre", "unit_input"):
+        model = randomise_norms(tiny(kind))
+        original = copy.deepcopy(residual_units(model.layer2)[0])
+        placement = {"block": "_test_gate", "position": position, "args": {"init": 0.0}}
+        (row,) = inject(model, [{**placement, "stages": [2], "blocks": "first"}])
+        x = torch.randn(2, 16 if kind == "basic" else 64, 8, 8)
+        with torch.no_grad():
+            out = model.layer2(x)
+            zero = torch.zeros_like(x)
+            if position == "pre":
+                branch = original(zero) - torch.relu(original.downsample(zero))
+                assert (
+                    not torch.allclose(out, original(zero), atol=1e-3) and branch.abs().amax() > 0
+                )
+            else:
+                assert row.path == "layer2.0.attention.0"
+                torch.testing.assert_close(out, original(zero))
+
+
+def test_unit_input_wraps_the_unit_and_later_placements_still_find_it():
+    model = tiny("bottleneck")
+    unit = model.layer1[1]
+    spec = modules.describe_backbone(model)
+    here = {"block": "_test_gate", "stages": [1], "blocks": [1]}
+    first = inject(model, [{**here, "position": "unit_input"}])
+    wrapper = model.layer1[1]
+    assert isinstance(wrapper, WithAttention) and wrapper.layer is unit and wrapper.before
+    assert residual_units(model.layer1)[1] is unit
+    assert modules.describe_backbone(model) == spec
+    assert "layer1.1.layer.conv1.weight" in model.state_dict()
+    # a block inside the wrapped unit, and a second block at its input, in list order
+    rows = inject(
+        model,
+        [
+            {**here, "position": "residual"},
+            {**here, "block": "_test_shift", "position": "unit_input"},
+        ],
+    )
+    paths = [r.path for r in [*first, *rows]]
+    assert paths == [
+        "layer1.1.attention.0",
+        "layer1.1.layer.se.attention.0",
+        "layer1.1.attention.1",
+    ]
+    assert {path for path, _ in attention_modules(model)} == set(paths)
+    # and the stage still runs: x -> gate -> shift -> unit (with its residual gate)
+    x = torch.randn(2, 16, 8, 8)
+    assert model.layer1(x).shape == (2, 64, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["non_local", "danet", "danet_position", "danet_channel"])
+def test_blocks_between_units_refuse_pre_and_take_unit_input(name):
+    model = tiny("bottleneck")
+    with pytest.raises(ValueError) as err:
+        inject(model, [{"block": name, "stages": [3], "position": "pre"}])
+    message = str(err.value)
+    assert f"block {name!r} cannot be placed at position 'pre'" in message
+    assert "it allows unit_input, post, stage_end" in message
+    assert "the shortcut skips the block" in message and "\n" not in message
+    assert not attention_modules(model)
+    placement = {"block": name, "stages": [3], "blocks": "last", "position": "unit_input"}
+    (row,) = inject(model, [placement])
+    assert (row.path, row.channels) == ("layer3.0.attention.0", 128)
+
+
+def test_non_local_before_the_last_unit_of_res4():
+    # The paper's default 2D model: one non-local block right before the last residual
+    # unit of res4 (official res_stage_nonlocal adds it after unit idx, i.e. before idx + 1).
+    model = modules.build_backbone("resnet50", num_classes=10).eval()
+    stage = copy.deepcopy(model.layer3)
+    placement = {"block": "non_local", "stages": [3], "blocks": "last", "position": "unit_input"}
+    (row,) = inject(model, [placement])
+    assert (row.stage, row.block_index, row.channels) == (3, 5, 1024)
+    assert row.path == "layer3.5.attention.0"
+    block = model.get_submodule(row.path)
+    with torch.no_grad():
+        block.out[1].weight.normal_()  # leave the identity
+    x = torch.randn(1, 512, 8, 8)
+    with torch.no_grad():
+        expected = stage[5](block(stage[:5](x)))
+        torch.testing.assert_close(model.layer3(x), expected)
+    c, inner = 1024, 512
+    # theta (with bias), phi and g (biases cancelled by the softmax), W_z, BN
+    assert row.params == 3 * c * inner + inner + inner * c + 2 * c
+
+
+def gated_unit(unit, x, gates):
+    """A timm unit with a per-channel gate before each named convolution, by hand."""
+
+    def g(conv):
+        return gates.get(conv, 1.0)
+
+    shortcut = x
+    if unit.downsample is not None:
+        conv, norm = unit.downsample
+        shortcut = norm(conv(x * g("downsample")))
+    h = unit.act1(unit.bn1(unit.conv1(x * g("conv1"))))
+    if hasattr(unit, "conv3"):
+        h = unit.act2(unit.bn2(unit.conv2(h * g("conv2"))))
+        h = unit.bn3(unit.conv3(h * g("conv3")))
+    else:
+        h = unit.bn2(unit.conv2(h * g("conv2")))
+    return torch.relu(h + shortcut)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_before_convs_puts_one_block_before_every_convolution(kind):
+    # GCT's official placement: GCT(c) before conv1, conv2, conv3 and, a separate one,
+    # before the projection conv of the downsample (z-x-yang/GCT, PyTorch/resnet.py).
+    model = randomise_norms(tiny(kind))
+    original = copy.deepcopy(residual_units(model.layer2)[0])
+    rows = inject(model, [{"block": "_test_gate", "stages": [2], "position": "before_convs"}])
+    convs = ["conv1", "conv2", "conv3"][: 3 if kind == "bottleneck" else 2]
+    assert [r.path for r in rows] == [
+        *(f"layer2.0.{c}.attention.0" for c in convs),
+        "layer2.0.downsample.0.attention.0",
+    ]
+    in_channels = 16 if kind == "basic" else 64
+    assert [r.channels for r in rows] == [in_channels, *[32] * (len(convs) - 1), in_channels]
+    gates = set_gates(model, rows)
+    by_conv = {path.split(".")[2]: gate for path, gate in gates.items()}
+    x = torch.randn(2, in_channels, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.layer2(x), gated_unit(original, x, by_conv))
+
+
+@pytest.mark.parametrize("first", ["identity", "before_convs"])
+def test_before_convs_and_identity_compose_on_the_projection(first):
+    # Either order: identity wraps the whole downsample, the projection's block sits inside
+    # it, and the summary's paths are the final ones even when identity comes second.
+    model = randomise_norms(tiny("basic"))
+    original = copy.deepcopy(residual_units(model.layer2)[0])
+    order = [first, "before_convs" if first == "identity" else "identity"]
+    rows = inject(model, [{"block": "_test_gate", "stages": [2], "position": p} for p in order])
+    assert {r.path for r in rows} == {
+        "layer2.0.conv1.attention.0",
+        "layer2.0.conv2.attention.0",
+        "layer2.0.downsample.layer.0.attention.0",
+        "layer2.0.downsample.attention.0",
+    }
+    gates = set_gates(model, rows)
+    by_conv = {c: gates[f"layer2.0.{c}.attention.0"] for c in ("conv1", "conv2")}
+    projection = gates["layer2.0.downsample.layer.0.attention.0"]
+    identity = gates["layer2.0.downsample.attention.0"]
+    x = torch.randn(2, 16, 8, 8)
+    conv, norm = original.downsample
+    with torch.no_grad():
+        h = original.act1(original.bn1(original.conv1(x * by_conv["conv1"])))
+        h = original.bn2(original.conv2(h * by_conv["conv2"]))
+        expected = torch.relu(h + norm(conv(x * projection)) * identity)
+        torch.testing.assert_close(model.layer2(x), expected)
+
+
+def test_stem_block_runs_before_the_first_convolution():
+    model = tiny("bottleneck").eval()
+    conv = model.conv1
+    spec = modules.describe_backbone(model)
+    summary = inject(model, [{"block": "_test_gate", "position": "stem"}])
+    (row,) = summary
+    assert (row.stage, row.block_index, row.channels) == (0, None, 3)
+    assert row.path == "conv1.attention.0"
+    assert isinstance(model.conv1, WithAttention) and model.conv1.layer is conv
+    assert modules.describe_backbone(model) == spec
+    gate = set_gates(model, summary)[row.path]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.conv1(x), conv(x * gate))
+    assert summary.params_by_stage() == {"stem": 3}
+    assert summary.table().splitlines()[1].split()[1:5] == ["_test_gate", "stem", "-", "stem"]
+    # the normalised form (stages: []) round-trips
+    normalised = validate_placements([{"block": "_test_gate", "position": "stem"}], "resnet50")
+    assert normalised[0]["stages"] == [] and normalised[0]["stage_args"] == {}
+    assert validate_placements(normalised, "resnet50") == normalised
+
+
+def test_gct_official_placement_summary_names_each_convolution():
+    model = tiny("bottleneck")
+    summary = inject(
+        model,
+        [
+            {"block": "gct", "position": "stem"},
+            {"block": "gct", "stages": "all", "position": "before_convs"},
+        ],
+    )
+    lines = [" ".join(line.split()) for line in summary.table().splitlines()]
+    assert lines[1] == "0 gct stem - stem 3 9 1 9"
+    assert "1 gct layer1 0-1 before_convs:conv2 16 48 2 96" in lines
+    assert "1 gct layer1 0 before_convs:downsample 16 48 1 48" in lines
+    assert "1 gct layer3 0 before_convs:conv3 64 192 1 192" in lines
+    assert summary.params_by_stage()["stem"] == 9
+
+
 # --- bad configurations: a ValueError naming the problem, and the model untouched --------
 
 GOOD = {"block": "_test_gate", "stages": [1, 2]}
@@ -496,6 +726,24 @@ BAD = [
         ),
     ),
     ("se", r"attention\[1\]: a placement must be a mapping"),
+    (
+        {"block": "_test_gate", "position": "stem", "stages": [1]},
+        (
+            r"attention\[1\] \(_test_gate\): position 'stem' places one block before the "
+            r"stem's first convolution, outside the stages; leave out 'stages' "
+            r"\(got stages=\[1\]\)$"
+        ),
+    ),
+    ({"block": "_test_gate", "position": "stem", "blocks": "first"}, r"leave out 'blocks'"),
+    (
+        {"block": "_test_gate", "position": "stem", "stage_args": {1: {"init": 2.0}}},
+        r"leave out 'stage_args'",
+    ),
+    (
+        {"block": "_test_gate", "position": "stem", "args": {"init": -1}},
+        r"^attention\[1\] \(_test_gate, stem\): init must be a number >= 0, got -1$",
+    ),
+    ({"block": "_test_gate", "position": "stem", "args": {"nit": 1}}, r"unknown argument"),
 ]
 
 

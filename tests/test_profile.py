@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.profile import build_model, format_table, main, profile
-from modules import build_attention
+from modules import build_attention, inject
 
 
 class Tiny(nn.Module):
@@ -250,3 +250,74 @@ def test_position_attention_is_counted_at_its_own_widths_not_the_padded_ones():
     products = positions * positions * (channels // 8 + channels)
     costs = profile(block, (channels, side, side))
     assert costs["gmacs"] * 1e9 == pytest.approx(convs + products)
+
+
+# --- blocks where their papers put them (issue #11) ---------------------------------------
+
+
+def gct_sites_of_official_resnet50(side=224):
+    """(channels, H, W) of every GCT in z-x-yang/GCT PyTorch/resnet.py's ResNet-50 (stride
+    in the 1x1 conv, STRIDE_IN_1X1=True): GCT(3) before the stem conv; in each Bottleneck
+    GCT(in) before conv1, GCT(width) before conv2 and conv3, and where in != out a separate
+    GCT(in) before the downsample's 1x1 conv."""
+    sites = [(3, side, side)]
+    inplanes, size = 64, side // 4  # after the 7x7/2 stem conv and the 3x3/2 max-pool
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        out = 4 * width
+        for i in range(blocks):
+            in_size, out_size = size, size // (stride if i == 0 else 1)
+            sites += [(inplanes, in_size, in_size)] + [(width, out_size, out_size)] * 2
+            if inplanes != out:
+                sites.append((inplanes, in_size, in_size))
+            inplanes, size = out, out_size
+    return sites
+
+
+def test_gct_official_placement_is_counted_block_by_block():
+    placements = [
+        {"block": "gct", "position": "stem"},
+        {"block": "gct", "stages": "all", "position": "before_convs"},
+    ]
+    plain = build_model("resnet50", stride_in_1x1=True, device="meta")
+    model = build_model("resnet50", stride_in_1x1=True, device="meta")
+    inject(model, placements)
+    costs, base = profile(model), profile(plain)
+    sites = gct_sites_of_official_resnet50()
+    assert len(sites) == 1 + 16 * 3 + 4
+    attention = costs["attention"]
+    # parameters: alpha, gamma, beta per channel of every GCT of the official network
+    assert attention["blocks"] == len(sites)
+    assert attention["params"] == 3 * sum(c for c, _, _ in sites) == 67_593
+    assert costs["params"] - base["params"] == attention["params"]
+    # MACs: GCT has no matrix product (0 in the papers' unit); its element-wise work is
+    # ~3 ops per input element (square, sum, gating product) plus a few per channel
+    assert attention["gmacs"] == 0 and costs["gmacs"] == pytest.approx(base["gmacs"])
+    each = {s: profile(build_attention("gct", s[0]), s)["gmacs_elementwise"] for s in set(sites)}
+    for (c, h, w), macs in each.items():
+        assert 3 * c * h * w <= macs * 1e9 <= 3 * c * h * w + 20 * c
+    expected = sum(each[s] for s in sites)
+    assert attention["gmacs_elementwise"] == pytest.approx(expected, rel=1e-9)
+    added = costs["gmacs_elementwise"] - base["gmacs_elementwise"]
+    assert added == pytest.approx(expected, rel=1e-9)
+    # the stem's GCT is the stem's: 9 parameters and its work on the 3x224x224 image
+    stem, base_stem = costs["per_stage"]["stem"], base["per_stage"]["stem"]
+    assert stem["params"] - base_stem["params"] == 9
+    stem_gct = each[(3, 224, 224)]
+    assert stem["gmacs_elementwise"] - base_stem["gmacs_elementwise"] == pytest.approx(stem_gct)
+
+
+def test_unit_input_block_is_attributed_to_its_stage():
+    placement = {"block": "non_local", "stages": [3], "blocks": "last", "position": "unit_input"}
+    plain = build_model("resnet50", stride_in_1x1=True, device="meta")
+    model = build_model("resnet50", stride_in_1x1=True, device="meta")
+    (row,) = inject(model, [placement])
+    costs, base = profile(model), profile(plain)
+    assert costs["attention"]["blocks"] == 1 and costs["attention"]["params"] == row.params
+    for stage, part in costs["per_stage"].items():
+        before = base["per_stage"][stage]
+        if stage != "layer3":
+            assert part == before
+            continue
+        assert part["params"] - before["params"] == row.params
+        for key in ("gmacs", "gmacs_elementwise"):
+            assert part[key] - before[key] == pytest.approx(costs["attention"][key], rel=1e-9)
