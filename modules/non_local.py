@@ -15,8 +15,17 @@ is the identity at initialisation (as in the paper's implementation details).
 - "concatenation":     ReLU(w^T [theta_i, phi_j]) / N
 
 N is the number of key positions. ``subsample`` is the paper's trick of a 2x2 max-pool
-after phi and g (on x itself for "gaussian"), which cuts the pairwise cost by 4; it is
-on by default, as in the official code.
+on the key/value side, which cuts the pairwise cost by 4; it is on by default, as in the
+official code. ``subsample_order`` says where the pool sits:
+
+- "before_conv" (default): the official Caffe2 code (facebookresearch/video-nonlocal-net,
+  ``lib/models/nonlocal_helper.py``, ``spacetime_nonlocal``) max-pools x once and feeds
+  the pooled map to both phi and g, so those two 1x1 convs run on a quarter of the
+  positions (theta stays at full resolution);
+- "after_conv": phi and g run on the full map and their outputs are pooled, as in popular
+  PyTorch ports; same parameters, different function, and phi/g cost 4x more.
+
+For "gaussian" (no phi) the keys are the pooled x either way; only g's order differs.
 
 Memory: the softmax forms run through ``scaled_dot_product_attention`` (linear in H*W),
 "dot_product" is computed as ``theta (phi^T g) / N`` (exact by associativity, also
@@ -43,7 +52,7 @@ Differences from the official code (facebookresearch/video-nonlocal-net) and the
 - The official convs are initialised N(0, 0.01); here PyTorch's defaults are kept (the
   zero BatchNorm gamma is what makes the block start as the identity either way).
 - The max-pool uses ``ceil_mode=True`` so odd maps (7x7) keep their border and a 1x1 map
-  still works; on even maps this is the paper's pooling.
+  still works; on even maps this is the official 2x2 stride-2 pooling.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from .parts import check_choice, check_positive, reduction_width, softmax_attent
 from .registry import register
 
 PAIRWISE = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+SUBSAMPLE_ORDERS = ("before_conv", "after_conv")
 SOFTMAX_PAIRWISE = ("gaussian", "embedded_gaussian")
 
 
@@ -74,11 +84,13 @@ class NonLocal(nn.Module):
         rd_divisor: int = 1,
         inter_channels: int | None = None,
         subsample: bool = True,
+        subsample_order: str = "before_conv",
         scaled: bool = False,
     ):
         super().__init__()
         check_choice("pairwise", pairwise, PAIRWISE)
         check_choice("subsample", subsample, (True, False))
+        check_choice("subsample_order", subsample_order, SUBSAMPLE_ORDERS)
         check_choice("scaled", scaled, (True, False))
         if scaled and pairwise not in SOFTMAX_PAIRWISE:
             raise ValueError(
@@ -90,6 +102,7 @@ class NonLocal(nn.Module):
         softmax = pairwise in SOFTMAX_PAIRWISE
         self.pairwise = pairwise
         self.subsample = subsample
+        self.subsample_order = subsample_order
 
         self.g = nn.Conv2d(channels, inter, 1, bias=not softmax)
         if pairwise == "gaussian":
@@ -111,13 +124,22 @@ class NonLocal(nn.Module):
     def _pool(self, t: Tensor) -> Tensor:
         return F.max_pool2d(t, 2, ceil_mode=True) if self.subsample else t
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries (B, N, E) and keys (B, M, E), keys subsampled if asked."""
-        if self.theta is None:
-            query, key = x, x
+    def _embed(self, x: Tensor, values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Queries (B, N, E), keys (B, M, E) and values (B, M, inter), keys and values
+        subsampled if asked, the pool before or after phi and g (``subsample_order``)."""
+        query = x if self.theta is None else self.theta(x)
+        if self.subsample and self.subsample_order == "before_conv":
+            pooled = self._pool(x)
+            key = pooled if self.phi is None else self.phi(pooled)
+            value = self.g(pooled) if values else None
         else:
-            query, key = self.theta(x), self.phi(x)
-        return query.flatten(2).transpose(1, 2), self._pool(key).flatten(2).transpose(1, 2)
+            key = self._pool(x if self.phi is None else self.phi(x))
+            value = self._pool(self.g(x)) if values else None
+
+        def tokens(t: Tensor) -> Tensor:
+            return t.flatten(2).transpose(1, 2)
+
+        return tokens(query), tokens(key), None if value is None else tokens(value)
 
     def _pairwise(self, q: Tensor, k: Tensor) -> Tensor:
         """The explicit (B, N, M) weights f(x_i, x_j) / C(x)."""
@@ -131,12 +153,12 @@ class NonLocal(nn.Module):
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The (B, N, M) pairwise weights, for inspection; quadratic in H*W."""
-        return self._pairwise(*self._embed(x))
+        q, k, _ = self._embed(x, values=False)
+        return self._pairwise(q, k)
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        q, k = self._embed(x)  # (B, N, E), (B, M, E)
-        v = self._pool(self.g(x)).flatten(2).transpose(1, 2)  # (B, M, inter)
+        q, k, v = self._embed(x)  # (B, N, E), (B, M, E), (B, M, inter)
         if self.pairwise in SOFTMAX_PAIRWISE:
             y = softmax_attention(q, k, v, scale=self.scale)  # (B, N, inter)
         elif self.pairwise == "dot_product":

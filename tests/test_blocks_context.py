@@ -31,6 +31,7 @@ CONFIGS = [
     ("gc", {"rd_channels": 3}),
     ("snl", {}),
     *[("non_local", {"pairwise": p, "subsample": s}) for p in PAIRWISE for s in (True, False)],
+    *[("non_local", {"pairwise": p, "subsample_order": "after_conv"}) for p in PAIRWISE],
     ("non_local", {"scaled": True}),
     ("non_local", {"pairwise": "gaussian", "scaled": True}),
     ("non_local", {"inter_channels": 4}),
@@ -179,18 +180,22 @@ def test_position_attention_equals_explicit_softmax():
     torch.testing.assert_close(block(x), x + 0.7 * attended)
 
 
+@pytest.mark.parametrize("order", ["before_conv", "after_conv"])
 @pytest.mark.parametrize("subsample", [False, True])
 @pytest.mark.parametrize("pairwise", PAIRWISE)
-def test_non_local_equals_explicit_pairwise_sum(pairwise, subsample):
-    block = build_attention("non_local", C, pairwise=pairwise, subsample=subsample)
+def test_non_local_equals_explicit_pairwise_sum(pairwise, subsample, order):
+    block = build_attention(
+        "non_local", C, pairwise=pairwise, subsample=subsample, subsample_order=order
+    )
     perturb_zeros(block)
     x = torch.randn(B, C, 7, 7)
     pool = (lambda t: F.max_pool2d(t, 2, ceil_mode=True)) if subsample else (lambda t: t)
-    v = tokens(pool(block.g(x)))
-    if pairwise == "gaussian":
-        q, k = tokens(x), tokens(pool(x))
+    phi = (lambda t: t) if pairwise == "gaussian" else block.phi
+    if order == "before_conv":
+        v, k = tokens(block.g(pool(x))), tokens(phi(pool(x)))
     else:
-        q, k = tokens(block.theta(x)), tokens(pool(block.phi(x)))
+        v, k = tokens(pool(block.g(x))), tokens(pool(phi(x)))
+    q = tokens(x) if pairwise == "gaussian" else tokens(block.theta(x))
     num_keys = 16 if subsample else 49
     if pairwise in ("gaussian", "embedded_gaussian"):
         y = explicit_attention(q, k, v)
@@ -206,6 +211,33 @@ def test_non_local_equals_explicit_pairwise_sum(pairwise, subsample):
     expected = x + block.out(y.transpose(1, 2).reshape(B, -1, 7, 7))
     torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(block.attention_map(x).shape, torch.Size([B, 49, num_keys]))
+
+
+def official_non_local(x, block):
+    """facebookresearch/video-nonlocal-net lib/models/nonlocal_helper.py (2D, USE_SOFTMAX,
+    USE_MAXPOOL, USE_BN) from our weights: theta on x; one 2x2 stride-2 max-pool of x feeds
+    phi and g; softmax over keys of theta^T phi; t = g p^T; 1x1 out conv; BN; + x. Our phi
+    and g have no bias (the softmax cancels phi's; g's is left out), hence zeros here."""
+    b, c, h, w = x.shape
+    pooled = F.max_pool2d(x, kernel_size=2, stride=2)
+    theta = block.theta(x).view(b, -1, h * w)  # (B, inner, N)
+    phi = F.conv2d(pooled, block.phi.weight).view(b, theta.shape[1], -1)  # (B, inner, M)
+    g = F.conv2d(pooled, block.g.weight).view(b, theta.shape[1], -1)  # (B, inner, M)
+    p = torch.softmax(theta.transpose(1, 2) @ phi, dim=2)  # (B, N, M)
+    t = (g @ p.transpose(1, 2)).view(b, -1, h, w)  # (B, inner, H, W)
+    return x + block.out(t)
+
+
+def test_non_local_pools_before_phi_and_g_like_the_official_code():
+    block = build_attention("non_local", C)  # subsample=True, before_conv by default
+    assert block.subsample_order == "before_conv"
+    perturb_zeros(block)
+    x = torch.randn(B, C, 8, 8)
+    torch.testing.assert_close(block(x), official_non_local(x, block), rtol=1e-4, atol=1e-5)
+    # the other order is a different function of the same weights
+    after = build_attention("non_local", C, subsample_order="after_conv")
+    after.load_state_dict(block.state_dict())
+    assert not torch.allclose(after(x), block(x), atol=1e-3)
 
 
 def test_non_local_scaled_is_the_official_one_over_sqrt_d():
@@ -416,6 +448,7 @@ def test_no_weight_decay_names_real_parameters(name):
         ("snl", {"rd_ratio": 1 / 16}, "rd_ratio"),
         ("non_local", {"pairwise": "cosine"}, "pairwise"),
         ("non_local", {"subsample": "yes"}, "subsample"),
+        ("non_local", {"subsample_order": "before"}, "subsample_order"),
         ("non_local", {"inter_channels": 0}, "inter_channels"),
         ("non_local", {"rd_ratio": -1}, "rd_ratio"),
         ("non_local", {"scaled": True, "pairwise": "dot_product"}, "scaled"),
@@ -444,6 +477,7 @@ def test_bad_argument_raises_value_error_naming_the_key(name, kwargs, key):
         ("gc", {"pooling": "max"}, "attention"),
         ("gc", {"fusion": "mul"}, r"add\+scale"),
         ("non_local", {"pairwise": "cosine"}, "embedded_gaussian"),
+        ("non_local", {"subsample_order": "first"}, "before_conv"),
         ("danet_channel", {"energy": "min"}, "max_minus"),
         ("danet", {"fusion": "concat"}, "sum"),
         ("bam", {"mode": "3d"}, "spatial"),

@@ -321,3 +321,22 @@ def test_unit_input_block_is_attributed_to_its_stage():
         assert part["params"] - before["params"] == row.params
         for key in ("gmacs", "gmacs_elementwise"):
             assert part[key] - before[key] == pytest.approx(costs["attention"][key], rel=1e-9)
+
+
+def test_non_local_pooling_before_phi_and_g_runs_them_on_a_quarter_of_the_positions():
+    channels, side = 64, 14
+    inner, positions, keys = channels // 2, side * side, (side // 2) ** 2
+    macs = {
+        order: profile(
+            build_attention("non_local", channels, subsample_order=order), (channels, side, side)
+        )
+        for order in ("before_conv", "after_conv")
+    }
+    # phi and g: channels x inner 1x1 convs, over 196 positions after the conv or 49 before
+    saved = 2 * channels * inner * (positions - keys)
+    assert (macs["after_conv"]["gmacs"] - macs["before_conv"]["gmacs"]) * 1e9 == pytest.approx(
+        saved
+    )
+    # theta, W_z at full size; the pairwise products over 49 keys; the same in both orders
+    shared = 2 * positions * channels * inner + 2 * positions * keys * inner
+    assert macs["before_conv"]["gmacs"] * 1e9 == pytest.approx(shared + 2 * keys * channels * inner)
