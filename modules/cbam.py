@@ -26,6 +26,13 @@ Options, each one axis of an ablation:
 - ``spatial_bn``: a BatchNorm on the spatial logits, as in the official code (its
   ``BasicConv``: conv without bias, then BN with momentum 0.01), not in the paper's
   equations. ``spatial_bn=False`` gives the paper's equation, the convolution with a bias.
+- ``spatial_bn_init``: the initial weight (gamma) of that BatchNorm. ``'zeros'``
+  (default) is the official code: ``ResNet.__init__`` in ``MODELS/model_resnet.py`` sets
+  every ``bn`` weight whose state-dict key contains ``SpatialGate`` to 0 (the residual
+  branch's BNs and all others to 1, every bias to 0), so the spatial gate starts as the
+  constant ``sigmoid(0) = 0.5`` and the k x k convolution gets no gradient until gamma
+  moves off zero. ``'ones'`` is PyTorch's default, a spatial gate that varies from the
+  first step. It has no effect with ``spatial_bn=False`` (no BatchNorm to initialise).
 - ``order`` (Table 3): ``channel_spatial`` (default), ``spatial_channel``, ``parallel``.
   The paper gives no formula for its parallel arrangement; ours computes both gates from
   the same input and applies their product, ``y = x * Mc(x) * Ms(x)``, so each submodule
@@ -35,7 +42,10 @@ Options, each one axis of an ablation:
 
 Differences from the official code: the MLP is two 1x1 convolutions instead of Linear
 layers (same parameters); the spatial descriptor stacks mean then max (the official code
-stacks max then mean, a permutation of the convolution's input channels).
+stacks max then mean, a permutation of the convolution's input channels). Of the official
+initialisation only the spatial BN's zero gamma is followed (a property of the block);
+the official network-wide choices (kaiming-normal fan-out convs, zero MLP biases) are left
+to PyTorch's defaults.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from .registry import register
 CHANNEL_ATTENTION_POOLS = ("avg", "max", "lp", "lse")
 SPATIAL_DESCRIPTORS = ("avgmax", "conv1x1")
 MODES = ("both", "channel", "spatial")
+SPATIAL_BN_INITS = {"zeros": 0.0, "ones": 1.0}
 
 
 def _check_bool(key: str, value) -> None:
@@ -109,11 +120,13 @@ class SpatialAttention(nn.Module):
         kernel_size: int = 7,
         descriptor: str = "avgmax",
         bn: bool = True,
+        bn_init: str = "zeros",
     ):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_choice("spatial_descriptor", descriptor, SPATIAL_DESCRIPTORS)
         _check_bool("spatial_bn", bn)
+        check_choice("spatial_bn_init", bn_init, SPATIAL_BN_INITS)
         self.descriptor = descriptor
         if descriptor == "conv1x1":
             self.reduce = nn.Conv2d(channels, 1, 1, bias=False)
@@ -123,6 +136,8 @@ class SpatialAttention(nn.Module):
         # A bias right before a BatchNorm would be cancelled by it.
         self.conv = nn.Conv2d(maps, 1, kernel_size, padding=kernel_size // 2, bias=not bn)
         self.norm = nn.BatchNorm2d(1, momentum=0.01) if bn else nn.Identity()
+        if bn:
+            nn.init.constant_(self.norm.weight, SPATIAL_BN_INITS[bn_init])
         # No-op hook point: a forward hook on ``gate`` sees the (B, 1, H, W) gate values.
         self.gate = nn.Identity()
 
@@ -153,6 +168,7 @@ class CBAM(nn.Module):
         spatial_descriptor: str = "avgmax",
         kernel_size: int = 7,
         spatial_bn: bool = True,
+        spatial_bn_init: str = "zeros",
         order: str = "channel_spatial",
         mode: str = "both",
     ):
@@ -168,7 +184,11 @@ class CBAM(nn.Module):
             pool_types=pool_types,
         )
         spatial = SpatialAttention(
-            channels, kernel_size=kernel_size, descriptor=spatial_descriptor, bn=spatial_bn
+            channels,
+            kernel_size=kernel_size,
+            descriptor=spatial_descriptor,
+            bn=spatial_bn,
+            bn_init=spatial_bn_init,
         )
         self.order = order
         self.mode = mode

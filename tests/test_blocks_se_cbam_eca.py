@@ -3,6 +3,7 @@ trains every parameter, and computes what its paper says."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modules import available, build_attention
 from modules.eca import EfficientChannelAttention, adaptive_kernel_size
@@ -51,6 +52,7 @@ CBAM_OPTIONS = [
     {"mode": "channel"},
     {"mode": "spatial"},
     {"mode": "spatial", "spatial_descriptor": "conv1x1"},
+    {"spatial_bn_init": "ones"},
 ]
 ECA_OPTIONS = [
     {},
@@ -78,6 +80,11 @@ def test_shape_and_gradients(name, kwargs):
     # first layer then gets no gradient at all, which is a fact of the init, not a bug.
     channels = 128
     block = build_attention(name, channels, **kwargs)
+    spatial = getattr(block, "spatial", None)
+    if spatial is not None and isinstance(spatial.norm, torch.nn.BatchNorm2d):
+        # the official zero BN gamma blocks the spatial conv's gradient at the first step
+        # (test_cbam_spatial_gate_starts_at_one_half_like_the_official_code)
+        torch.nn.init.ones_(spatial.norm.weight)
     offset, scale = torch.randn(2, channels, 1, 1), torch.rand(2, channels, 1, 1) + 0.5
     x = (torch.randn(2, channels, 8, 8) * scale + offset).requires_grad_()
     y = block(x)
@@ -188,7 +195,9 @@ def test_cbam_channel_only_gate_is_constant_over_positions():
 @pytest.mark.parametrize("descriptor", ["avgmax", "conv1x1"])
 def test_cbam_spatial_only_gate_varies_over_positions(descriptor):
     x = positive_input()
-    block = build_attention("cbam", C, mode="spatial", spatial_descriptor=descriptor)
+    block = build_attention(
+        "cbam", C, mode="spatial", spatial_descriptor=descriptor, spatial_bn_init="ones"
+    )
     gate = block(x) / x
     # One map shared by all channels, different from position to position.
     torch.testing.assert_close(gate, gate[:, :1].expand_as(gate))
@@ -204,7 +213,8 @@ def test_cbam_modes_build_only_their_part():
 
 def test_cbam_orders_differ_and_parallel_is_gate_product():
     x = torch.randn(2, C, 8, 8)
-    ref = build_attention("cbam", C, order="channel_spatial")
+    # with the official zero BN gamma the spatial gate starts constant; make it vary
+    ref = build_attention("cbam", C, order="channel_spatial", spatial_bn_init="ones")
     outputs = {}
     for order in ("channel_spatial", "spatial_channel", "parallel"):
         block = build_attention("cbam", C, order=order)
@@ -264,6 +274,64 @@ def test_cbam_spatial_param_count(kwargs, count):
 def test_cbam_spatial_bn_follows_official_code():
     norm = build_attention("cbam", C).spatial.norm
     assert isinstance(norm, torch.nn.BatchNorm2d) and norm.momentum == 0.01
+
+
+def official_cbam(x, block):
+    """CBAM as Jongchan/attention-module MODELS/cbam.py computes it, from our weights:
+    ChannelGate (shared MLP on avg and max pools), then SpatialGate (max and mean over
+    channels, in that order, 7x7 conv without bias, BN with momentum 0.01, sigmoid)."""
+    mlp = block.channel.mlp
+    avg = F.avg_pool2d(x, x.shape[2:], stride=x.shape[2:])
+    mx = F.max_pool2d(x, x.shape[2:], stride=x.shape[2:])
+    x = x * torch.sigmoid(mlp(avg) + mlp(mx))
+    compress = torch.cat([x.max(dim=1, keepdim=True)[0], x.mean(dim=1, keepdim=True)], dim=1)
+    # our descriptor stacks mean then max: swap the conv's input channels to match
+    weight = block.spatial.conv.weight.flip(1)
+    norm = block.spatial.norm
+    logits = F.batch_norm(
+        F.conv2d(compress, weight, padding=3),
+        norm.running_mean.clone(),
+        norm.running_var.clone(),
+        norm.weight,
+        norm.bias,
+        training=True,
+        momentum=0.01,
+        eps=norm.eps,
+    )
+    return x * torch.sigmoid(logits)
+
+
+def test_cbam_spatial_gate_starts_at_one_half_like_the_official_code():
+    # MODELS/model_resnet.py sets every BN weight whose key contains "SpatialGate" to 0
+    # (and every bias to 0): the spatial gate starts as sigmoid(0) = 0.5 everywhere.
+    block = build_attention("cbam", C)
+    assert torch.equal(block.spatial.norm.weight, torch.zeros(1))
+    assert torch.equal(block.spatial.norm.bias, torch.zeros(1))
+    x = torch.randn(4, C, 8, 8)
+    refined = block.channel(x)
+    for mode in ("train", "eval"):
+        getattr(block, mode)()
+        torch.testing.assert_close(block(x), 0.5 * refined)
+        torch.testing.assert_close(block.spatial.attention(refined), torch.full((4, 1, 8, 8), 0.5))
+    # the same block as the official code computes it, on copied weights
+    block.train()
+    torch.testing.assert_close(block(x), official_cbam(x, block))
+    # gamma learns from the first step; the conv only once gamma has left zero
+    (block(x) * torch.randn_like(x)).sum().backward()
+    assert block.spatial.norm.weight.grad.abs().item() > 0
+    assert not block.spatial.conv.weight.grad.any()
+
+
+def test_cbam_spatial_bn_init_ones_is_pytorchs_default():
+    block = build_attention("cbam", C, spatial_bn_init="ones")
+    assert torch.equal(block.spatial.norm.weight, torch.ones(1))
+    x = torch.randn(4, C, 8, 8)
+    gate = block.spatial.attention(block.channel(x))
+    assert gate.std() > 1e-2  # varies over positions from the start
+    torch.testing.assert_close(block(x), official_cbam(x, block))
+    # without the BN there is nothing to initialise; the option is accepted and ignored
+    plain = build_attention("cbam", C, spatial_bn=False, spatial_bn_init="ones")
+    assert isinstance(plain.spatial.norm, torch.nn.Identity)
 
 
 # --- ResNet parameter totals (CBAM Table 4, SE Table 2) -------------------------------
@@ -371,6 +439,7 @@ def test_eca_ns_with_equal_rows_equals_eca():
         ("cbam", {"kernel_size": -3}, "kernel_size"),
         ("cbam", {"rd_ratio": 0}, "rd_ratio"),
         ("cbam", {"spatial_bn": 1}, "spatial_bn"),
+        ("cbam", {"spatial_bn_init": "official"}, "spatial_bn_init"),
         # options of the absent part are still checked
         ("cbam", {"mode": "channel", "kernel_size": 6}, "kernel_size"),
         ("cbam", {"mode": "spatial", "pool_types": "median"}, "pool_types"),
