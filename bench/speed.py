@@ -703,6 +703,15 @@ def _verdict(met: bool, gap_pct: float, noise_pct: float) -> str:
 
 def target_rows(models: list[dict], blocks: list[dict], sdpa: list[dict]) -> list[dict]:
     rows = []
+    alone = {}  # block -> its forward+backward time ratios by stage, from section 2
+    for row in blocks:
+        alone.setdefault(row["block"], []).append(f"{row['time_ratio']}")
+    identical = {
+        (row["backbone"], mode): row[f"{mode}_ratio"]
+        for row in models
+        if row["block"] == "none"
+        for mode in ("train", "infer")
+    }
     for row in models:
         for mode in ("train", "infer"):
             ratio = row.get(f"{mode}_ratio")
@@ -710,6 +719,9 @@ def target_rows(models: list[dict], blocks: list[dict], sdpa: list[dict]) -> lis
                 continue
             noise = row[f"{mode}_ours_iqr_pct"] + row[f"{mode}_timm_iqr_pct"]
             gap = 100 * (MODEL_TARGET - ratio) / MODEL_TARGET
+            notes = [f"identical models: {identical.get((row['backbone'], mode), '-')}"]
+            if row["block"] in alone:
+                notes.append(f"block alone, time by stage: {' '.join(alone[row['block']])}")
             rows.append(
                 {
                     "section": "target",
@@ -720,6 +732,7 @@ def target_rows(models: list[dict], blocks: list[dict], sdpa: list[dict]) -> lis
                     "margin_pct": round(-gap, 1),
                     "noise_pct": round(noise, 1),
                     "verdict": _verdict(ratio >= MODEL_TARGET, gap, noise),
+                    "note": "; ".join(notes),
                 }
             )
     for row in blocks:
@@ -759,6 +772,12 @@ def target_rows(models: list[dict], blocks: list[dict], sdpa: list[dict]) -> lis
                 "margin_pct": "",
                 "noise_pct": "",
                 "verdict": verdict,
+                "note": (
+                    f"GiB at batch {row['batch']}: SDPA {row.get('fit_sdpa_gb', '-')}, explicit "
+                    f"{row.get('fit_explicit_gb', '-')} (extrapolated); measured at "
+                    f"{row['shape']}: SDPA {row['sdpa_peak_mb']} MB, explicit "
+                    f"{row['explicit_peak_mb']} MB"
+                ),
             }
         )
     return rows
@@ -884,6 +903,7 @@ TARGET_COLUMNS = {
     "margin_pct": "margin %",
     "noise_pct": "IQR ours+timm %",
     "verdict": "verdict",
+    "note": "context",
 }
 
 
