@@ -1,12 +1,14 @@
 """SE, CBAM and ECA blocks: every option builds through the registry, keeps the shape,
 trains every parameter, and computes what its paper says."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import available, build_attention
-from modules.eca import EfficientChannelAttention, adaptive_kernel_size
+from modules import available, build_attention, build_backbone, inject
+from modules.eca import RELEASED_KERNELS, EfficientChannelAttention, adaptive_kernel_size
 
 C = 32
 
@@ -396,6 +398,75 @@ def test_eca_matches_equation():
     y = torch.nn.functional.pad(x.mean(dim=(2, 3)), (1, 1))  # (B, C + 2)
     logits = w[0] * y[:, :-2] + w[1] * y[:, 1:-1] + w[2] * y[:, 2:]
     torch.testing.assert_close(block(x), x * torch.sigmoid(logits)[..., None, None])
+
+
+def official_eca_ns(x, weight):
+    """ECA-NS as BangguWu/ECANet models/eca_ns.py computes it: the pooled (B, C) vector
+    unfolded into every channel's zero-padded k-neighbourhood, then a depth-wise Conv1d
+    (C -> C, kernel k, groups=C, no bias) over each neighbourhood; ``weight`` is (C, k)."""
+    b, c, k = x.shape[0], x.shape[1], weight.shape[1]
+    y = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    windows = F.unfold(y.transpose(-1, -3), kernel_size=(1, k), padding=(0, (k - 1) // 2))
+    logits = F.conv1d(windows.transpose(-1, -2), weight[:, None, :], groups=c)  # (B, C, 1)
+    return x * torch.sigmoid(logits).view(b, c, 1, 1)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_eca_ns_matches_the_official_eca_ns(k):
+    x = torch.randn(2, C, 6, 6)
+    block = build_attention("eca", C, kernel_size=k, shared=False)
+    torch.testing.assert_close(block(x), official_eca_ns(x, block.weight))
+    # the same initial range as the official grouped Conv1d's default initialisation:
+    # uniform in +-1/sqrt(fan_in), fan_in = k
+    conv = torch.nn.Conv1d(C, C, k, groups=C, bias=False)
+    bound = 1 / k**0.5
+    assert conv.weight.abs().max() <= bound and block.weight.abs().max() <= bound
+    assert block.weight.abs().max() > 0.8 * bound
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kernels"),
+    [("resnet50", (3, 5, 5, 7)), ("resnet101", (3, 3, 5, 7)), ("resnet152", (3, 3, 5, 7))],
+)
+def test_eca_released_kernels_per_stage(backbone, kernels):
+    # The released checkpoints: eca_resnet50_k3557, eca_resnet101_k3357, eca_resnet152_k3357
+    # (BangguWu/ECANet README); the formula would give 5, 5, 5, 7.
+    assert RELEASED_KERNELS[backbone] == kernels
+    with torch.device("meta"):
+        model = build_backbone(backbone, num_classes=10)
+    summary = inject(model, [{"block": "eca", "args": {"kernel_size": "released"}}])
+    by_stage = {}
+    for row in summary:
+        by_stage.setdefault(row.stage, set()).add(model.get_submodule(row.path).kernel_size)
+    assert by_stage == {i + 1: {k} for i, k in enumerate(kernels)}
+    # the official placement's parameters: k weights per unit, units per stage
+    units = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+    assert summary.total_params() == sum(n * k for n, k in zip(units, kernels, strict=True))
+
+
+def test_eca_released_kernels_in_placements_and_their_errors():
+    model = build_backbone("resnet50", num_classes=10)
+    placement = {
+        "block": "eca",
+        "args": {"kernel_size": "released"},
+        "stage_args": {4: {"kernel_size": 9}},
+    }
+    reference = copy.deepcopy(model)
+    summary = inject(model, [placement])
+    sizes = {row.stage: model.get_submodule(row.path).kernel_size for row in summary}
+    assert sizes == {1: 3, 2: 5, 3: 5, 4: 9}
+    assert summary.total_params() == 3 * 3 + 4 * 5 + 6 * 5 + 3 * 9
+    # ResNet-50 at stage 1: 256 channels, where the formula gives 5
+    assert adaptive_kernel_size(256) == 5
+    for backbone in ("resnet20_cifar", "resnet164_cifar"):
+        with pytest.raises(ValueError, match=r"kernel_size='released' is known for resnet18"):
+            inject(build_backbone(backbone, num_classes=10), [{**placement, "stage_args": {}}])
+    with pytest.raises(ValueError, match=r"\(eca, stem\): kernel_size='released' is a per-stage"):
+        inject(
+            reference, [{"block": "eca", "position": "stem", "args": {"kernel_size": "released"}}]
+        )
+    with pytest.raises(ValueError, match=r"only a placement can resolve"):
+        build_attention("eca", 256, kernel_size="released")
 
 
 def test_eca_ns_with_equal_rows_equals_eca():
