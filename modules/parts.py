@@ -52,9 +52,17 @@ def _lse_pool(x: Tensor) -> Tensor:
     return torch.logsumexp(flat, dim=2)[..., None, None]
 
 
+def std_pool(x: Tensor, unbiased: bool = False) -> Tensor:
+    """Per-channel standard deviation over positions, ``(B, C, 1, 1)``: divided by N
+    (``unbiased=False``) or by N - 1 (``unbiased=True``, ``torch.std``'s default). With one
+    position the unbiased estimate is undefined (``torch.std`` gives NaN); it is 0 here."""
+    flat = x.flatten(2)
+    correction = 1 if unbiased and flat.shape[2] > 1 else 0
+    return flat.std(dim=2, correction=correction)[..., None, None]
+
+
 def _std_pool(x: Tensor) -> Tensor:
-    # SRM's style statistic: per-channel standard deviation over positions.
-    return x.flatten(2).std(dim=2, unbiased=False)[..., None, None]
+    return std_pool(x, unbiased=False)
 
 
 GLOBAL_POOLS: dict[str, Callable[[Tensor], Tensor]] = {

@@ -29,6 +29,7 @@ CASES = [
     ("srm", {}),
     ("srm", {"style": ("mean",)}),
     ("srm", {"style": "std"}),
+    ("srm", {"unbiased_std": False}),
     ("gct", {}),
     ("gct", {"mode": "l1"}),
     ("fca", {}),
@@ -193,16 +194,57 @@ def test_srm_parameter_count(style, per_channel):
     assert n_params(build_attention("srm", 24, style=style)) == per_channel * 24
 
 
-def test_srm_gate_formula():
-    block = build_attention("srm", 6).eval()
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_srm_gate_formula(unbiased):
+    block = build_attention("srm", 6, unbiased_std=unbiased).eval()
     with torch.no_grad():
         block.cfc.copy_(torch.randn(6, 2))
     x = torch.randn(2, 6, 7, 7)
     mean = x.mean(dim=(2, 3))
-    std = x.flatten(2).std(dim=2, unbiased=False)
+    # the paper's Eq. 1 divides by HW; the official code's torch.std by HW - 1
+    std = (x - mean[..., None, None]).pow(2).sum(dim=(2, 3)).div(49 - unbiased).sqrt()
     z = block.cfc[:, 0] * mean + block.cfc[:, 1] * std
     gate = torch.sigmoid(z / math.sqrt(1 + block.bn.eps))  # BN at its initial running stats
     assert torch.allclose(block(x), x * gate[..., None, None], atol=1e-6)
+
+
+def official_srm(x, block):
+    """SRMLayer of hyunjaelee410/style-based-recalibration-module
+    (models/recalibration_modules.py) from our weights: mean and torch.std (unbiased) over
+    positions, channel-wise weighted sum by the (C, 2) CFC, BatchNorm, sigmoid, x * g."""
+    n, c = x.shape[:2]
+    flat = x.view(n, c, -1)
+    t = torch.cat((flat.mean(dim=2).view(n, c, -1), flat.std(dim=2).view(n, c, -1)), dim=2)
+    z = (t * block.cfc[None, :, :]).sum(dim=2)[:, :, None, None]
+    bn = block.bn
+    z_hat = F.batch_norm(
+        z,
+        bn.running_mean.clone(),
+        bn.running_var.clone(),
+        bn.weight,
+        bn.bias,
+        training=block.training,
+        eps=bn.eps,
+    )
+    return x * torch.sigmoid(z_hat)
+
+
+def test_srm_follows_the_official_unbiased_style_pooling():
+    block = build_attention("srm", 6)
+    with torch.no_grad():
+        block.cfc.copy_(torch.randn(6, 2))
+        block.bn.weight.uniform_(0.5, 1.5)
+        block.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 6, 5, 5)
+    for mode in ("train", "eval"):
+        getattr(block, mode)()
+        torch.testing.assert_close(block(x), official_srm(x, block))
+    paper = build_attention("srm", 6, unbiased_std=False)
+    paper.load_state_dict(block.state_dict())
+    assert not torch.allclose(paper.eval()(x), block(x))
+    # one position: the official torch.std gives NaN; the deviation is 0 here
+    one = torch.randn(4, 6, 1, 1)
+    assert torch.isfinite(block(one)).all()
 
 
 def test_srm_starts_at_half_gate_and_excludes_its_parameters_from_decay():
@@ -397,6 +439,7 @@ BAD = [
     ("srm", 32, {"style": "var"}, "style"),
     ("srm", 32, {"style": ("mean", "mean")}, "style"),
     ("srm", 32, {"style": ()}, "style"),
+    ("srm", 32, {"unbiased_std": 1}, "unbiased_std"),
     ("gct", 32, {"mode": "l3"}, "mode"),
     ("gct", 32, {"eps": 0}, "eps"),
     ("fca", 32, {"freq_sel": "top3"}, "freq_sel"),
