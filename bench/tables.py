@@ -1,6 +1,7 @@
 """Tables and plots from run records, with the papers' numbers beside ours.
 
-    python -m bench.tables [--results results] [--no-plots]
+    python -m bench.tables [--results results] [--runs DIR] [--out DIR] [--readme FILE]
+                           [--no-plots]
 
 Everything is rebuilt from ``<results>/runs/<ablation>/*.json`` alone, so the committed
 tables can be proven equal to what ``make tables`` produces: rows are sorted the same way
@@ -20,9 +21,19 @@ axis) are never averaged together: each setting gets its own table, named after 
 written by ``python -m bench.costs``) make ``results/tables/<ablation>/cost.md``.
 
 Accuracies are top-1/top-5 accuracy in %, final epoch, as mean +- sample std over seeds
-with n. A paper's error rates are shown as accuracies (100 - err); the delta (ours - paper)
-is only printed when our runs used the paper's dataset, since anything else compares
-different tasks.
+with n, and top-1's 95% confidence interval (Student t, n - 1 degrees of freedom; none for
+n = 1). A paper's error rates are shown as accuracies (100 - err); the delta (ours -
+paper) is only printed when our runs used the paper's dataset, since anything else
+compares different tasks.
+
+Each row is also compared with the ablation's baseline row, paired by seed (``bench.stats``):
+the mean and 95% interval of the per-seed differences of top-1, and a verdict (above the
+baseline beyond seed noise, within noise, below the baseline, n too small). The baseline
+is the variant the ablation names in its top-level ``baseline: <label>``; without one, the
+variant whose ``match`` has ``attention.block: none`` (where there are several, such as one
+per backbone, each row is compared with the one that agrees with it on every other key of
+``match``); without either, there are no paired columns. ``results/README.md`` opens with
+a headline per trained table: the best row, its difference to the baseline, its cost.
 
 PNGs are written with the Agg backend and without the ``Software`` metadata; they are
 deterministic for a given matplotlib version, but the byte-equality test of the committed
@@ -35,6 +46,7 @@ import argparse
 import csv
 import io
 import statistics
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +54,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.records import COST_ONLY, load_records
-from bench.variants import Variant, config_value, variants_of
+from bench.stats import (
+    ABOVE,
+    BELOW,
+    CONFIDENCE,
+    Summary,
+    paired_differences,
+    summarize,
+    t_interval,
+    verdict,
+)
+from bench.variants import Variant, config_value, same_value, variants_of
 
 # Config paths that name the setting a run was trained under, in the order they appear in
 # a table's file name. A path that is an axis of the ablation is left out of the name.
@@ -88,6 +110,11 @@ class Stat:
     def std(self) -> float | None:
         return statistics.stdev(self.values) if self.n >= 2 else None
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% Student-t interval of the mean (None for n < 2)."""
+        return t_interval(self.values, CONFIDENCE)
+
 
 @dataclass
 class Row:
@@ -105,6 +132,12 @@ class Row:
     datasets: set = field(default_factory=set)
     # Our runs' dataset where it is the paper's (so a delta means something), else None.
     dataset: str | None = None
+    # seed -> its runs' top-1 (one per seed unless a seed was run twice)
+    top1_by_seed: dict = field(default_factory=dict)
+    # The row this one is compared with (itself for the baseline row), None if none.
+    baseline: Variant | None = None
+    delta: Summary | None = None  # paired top-1 differences to the baseline
+    verdict: str = ""
 
     def add(self, record: Mapping) -> None:
         self.datasets.add(str(config_value(record["config"], "data.name")))
@@ -112,6 +145,13 @@ class Row:
             value = record.get(name)
             if value is not None:
                 getattr(self, name).values.append(float(value))
+        seed = config_value(record["config"], "seed")
+        if record.get("top1") is not None and seed is not None:
+            self.top1_by_seed.setdefault(seed, []).append(float(record["top1"]))
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.baseline is not None and self.baseline.label == self.variant.label
 
 
 @dataclass
@@ -183,6 +223,65 @@ def _comparable(ours: str | None, paper: str | None) -> bool:
     return ours == paper or (paper == "cifar" and ours in ("cifar10", "cifar100"))
 
 
+def baselines_of(config: Mapping, variants: Sequence[Variant]) -> dict[str, Variant | None]:
+    """Variant label -> the variant it is compared with (see the module docstring)."""
+    label = config.get("baseline")
+    if label is not None:
+        named = [v for v in variants if v.label == str(label)]
+        if not named:
+            labels = [v.label for v in variants]
+            raise ValueError(
+                f"{config.get('ablation')}: baseline {label!r} is not a variant label; "
+                f"the variants are {labels}"
+            )
+        return {v.label: named[0] for v in variants}
+    plain = [v for v in variants if same_value(v.match.get("attention.block"), "none")]
+
+    def rest(variant: Variant) -> dict:
+        return {k: x for k, x in variant.match.items() if not k.startswith("attention.")}
+
+    out: dict[str, Variant | None] = {}
+    for variant in variants:
+        if len(plain) == 1:
+            out[variant.label] = plain[0]
+            continue
+        mine = rest(variant)
+        same = [
+            c
+            for c in plain
+            if rest(c).keys() == mine.keys() and all(same_value(rest(c)[k], mine[k]) for k in mine)
+        ]
+        out[variant.label] = same[0] if len(same) == 1 else None
+    return out
+
+
+def _per_seed(row: Row, where: str) -> dict:
+    """seed -> top-1 of a row; a seed run more than once counts with its mean."""
+    twice = sorted(str(s) for s, values in row.top1_by_seed.items() if len(values) > 1)
+    if twice:
+        warnings.warn(
+            f"{where}: {row.variant.label!r} has several runs of seed(s) {twice}; "
+            "each seed's mean is paired with the baseline",
+            stacklevel=3,
+        )
+    return {s: statistics.fmean(v) for s, v in row.top1_by_seed.items()}
+
+
+def compare_with_baselines(rows: Sequence[Row], config: Mapping, where: str) -> None:
+    """Fill in each row's baseline, paired difference and verdict."""
+    baselines = baselines_of(config, [row.variant for row in rows])
+    by_label = {row.variant.label: row for row in rows}
+    for row in rows:
+        row.baseline = baselines.get(row.variant.label)
+        if row.baseline is None or row.is_baseline:
+            row.verdict = "baseline" if row.is_baseline else ""
+            continue
+        base = by_label[row.baseline.label]
+        diffs = paired_differences(_per_seed(row, where), _per_seed(base, where))
+        row.delta = summarize(list(diffs.values()))
+        row.verdict = verdict(row.delta)
+
+
 def build_tables(records: Iterable[Mapping]) -> list[Table]:
     """Group records by ablation and setting, and aggregate them into tables (sorted)."""
     groups: dict[tuple[str, str, bool], list[Mapping]] = defaultdict(list)
@@ -223,6 +322,8 @@ def build_tables(records: Iterable[Mapping]) -> list[Table]:
                 f"{ablation} ({setting}): {unmatched} record(s) match no single variant",
                 stacklevel=2,
             )
+        if not cost_only:
+            compare_with_baselines(rows, config, f"{ablation} ({setting})")
         tables.append(
             Table(
                 ablation=ablation,
@@ -245,11 +346,16 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_signed(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return ""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"  # + 0.0 turns -0.00 into +0.00
+
+
 def fmt_delta(ours: float | None, paper: float | None, digits: int = 2) -> str:
     if ours is None or paper is None:
         return ""
-    delta = round(ours - paper, digits)
-    return f"{delta + 0.0:+.{digits}f}"  # + 0.0 turns -0.00 into +0.00
+    return fmt_signed(ours - paper, digits)
 
 
 def fmt_stat(stat: Stat, digits: int = 2, pm: str = " ± ") -> str:
@@ -260,12 +366,38 @@ def fmt_stat(stat: Stat, digits: int = 2, pm: str = " ± ") -> str:
     return f"{stat.mean:.{digits}f}{pm}{stat.std:.{digits}f}"
 
 
+def fmt_interval(interval: tuple[float, float] | None, digits: int = 2, signed=False) -> str:
+    if interval is None:
+        return ""
+    show = fmt_signed if signed else fmt
+    return f"[{show(interval[0], digits)}, {show(interval[1], digits)}]"
+
+
+def fmt_paired(delta: Summary | None, digits: int = 2) -> str:
+    """A paired difference: ``+0.52 [-0.10, +1.14]``, or its mean alone for one pair."""
+    if delta is None or delta.mean is None:
+        return ""
+    text = fmt_signed(delta.mean, digits)
+    if delta.low is not None and delta.high is not None:
+        text += " " + fmt_interval((delta.low, delta.high), digits, signed=True)
+    return text
+
+
 def _params_m(stat: Stat) -> float | None:
     return None if stat.mean is None else stat.mean / 1e6
 
 
+def _has_baseline(table: Table) -> bool:
+    return any(row.baseline is not None for row in table.rows)
+
+
+def _has_paper(table: Table) -> bool:
+    return any(row.paper.get(k) is not None for row in table.rows for k in ("top1", "top5"))
+
+
 def columns(table: Table) -> list[tuple[str, str]]:
-    """(header, csv name) pairs of the table's columns."""
+    """(header, key) pairs of the table's md/tex columns. Trained tables leave out the
+    paired columns where there is no baseline, and the paper's where it has no numbers."""
     if table.cost_only:
         return [
             ("Variant", "variant"),
@@ -276,54 +408,70 @@ def columns(table: Table) -> list[tuple[str, str]]:
             ("Paper GMACs", "paper_gmacs"),
             ("Δ GMACs", "delta_gmacs"),
         ]
-    return [
+    out = [
         ("Variant", "variant"),
         ("n", "n"),
         ("Params (M)", "params_m"),
         ("GMACs", "gmacs"),
         ("img/s", "throughput"),
         ("Top-1 (%)", "top1"),
-        ("Top-5 (%)", "top5"),
-        ("Paper top-1", "paper_top1"),
-        ("Δ top-1", "delta_top1"),
-        ("Paper top-5", "paper_top5"),
-        ("Δ top-5", "delta_top5"),
+        ("95% CI", "top1_ci"),
     ]
+    if _has_baseline(table):
+        out += [("Δ top-1 vs baseline [95% CI]", "delta_baseline"), ("Verdict", "verdict")]
+    out.append(("Top-5 (%)", "top5"))
+    if _has_paper(table):
+        out += [
+            ("Paper top-1", "paper_top1"),
+            ("Δ top-1 vs paper", "delta_top1"),
+            ("Paper top-5", "paper_top5"),
+            ("Δ top-5 vs paper", "delta_top5"),
+        ]
+    return out
 
 
-def cells(table: Table, row: Row, pm: str = " ± ") -> list[str]:
-    """Formatted cells of one row, in ``columns`` order."""
+def _cell_values(table: Table, row: Row, pm: str) -> dict[str, str]:
     paper = row.paper
     params = _params_m(row.params)
     gmacs = row.gmacs.mean
     if table.cost_only:
-        return [
-            row.variant.label,
-            fmt(params, 3),
-            fmt(gmacs, 3),
-            fmt(paper.get("params_m")),
-            fmt_delta(params, paper.get("params_m")),
-            fmt(paper.get("gmacs"), 3),
-            fmt_delta(gmacs, paper.get("gmacs"), 3),
-        ]
+        return {
+            "variant": row.variant.label,
+            "params_m": fmt(params, 3),
+            "gmacs": fmt(gmacs, 3),
+            "paper_params_m": fmt(paper.get("params_m")),
+            "delta_params_m": fmt_delta(params, paper.get("params_m")),
+            "paper_gmacs": fmt(paper.get("gmacs"), 3),
+            "delta_gmacs": fmt_delta(gmacs, paper.get("gmacs"), 3),
+        }
     compare = row.dataset is not None
-    return [
-        row.variant.label,
-        str(row.top1.n),
-        fmt(params, 3),
-        fmt(gmacs, 3),
-        fmt(row.throughput.mean, 0),
-        fmt_stat(row.top1, pm=pm),
-        fmt_stat(row.top5, pm=pm),
-        fmt(paper.get("top1")),
-        fmt_delta(row.top1.mean, paper.get("top1")) if compare else "",
-        fmt(paper.get("top5")),
-        fmt_delta(row.top5.mean, paper.get("top5")) if compare else "",
-    ]
+    return {
+        "variant": row.variant.label,
+        "n": str(row.top1.n),
+        "params_m": fmt(params, 3),
+        "gmacs": fmt(gmacs, 3),
+        "throughput": fmt(row.throughput.mean, 0),
+        "top1": fmt_stat(row.top1, pm=pm),
+        "top1_ci": fmt_interval(row.top1.interval),
+        "delta_baseline": fmt_paired(row.delta),
+        "verdict": row.verdict,
+        "top5": fmt_stat(row.top5, pm=pm),
+        "paper_top1": fmt(paper.get("top1")),
+        "delta_top1": fmt_delta(row.top1.mean, paper.get("top1")) if compare else "",
+        "paper_top5": fmt(paper.get("top5")),
+        "delta_top5": fmt_delta(row.top5.mean, paper.get("top5")) if compare else "",
+    }
+
+
+def cells(table: Table, row: Row, pm: str = " ± ") -> list[str]:
+    """Formatted cells of one row, in ``columns`` order."""
+    values = _cell_values(table, row, pm)
+    return [values[key] for _, key in columns(table)]
 
 
 def csv_values(table: Table, row: Row) -> list[str]:
-    """Unformatted-but-fixed-precision values for the CSV (mean and std apart)."""
+    """Unformatted-but-fixed-precision values for the CSV (mean and std apart). The CSV
+    keeps every column in every table, empty where there is nothing to show."""
     paper = row.paper
     params = _params_m(row.params)
     base = [row.variant.label, row.variant.ref or ""]
@@ -335,6 +483,8 @@ def csv_values(table: Table, row: Row) -> list[str]:
             fmt(paper.get("gmacs"), 3),
         ]
     compare = row.dataset is not None
+    interval = row.top1.interval or (None, None)
+    delta = row.delta or Summary(0, None, None, None, None)
     return base + [
         str(row.top1.n),
         fmt(params, 4),
@@ -342,6 +492,8 @@ def csv_values(table: Table, row: Row) -> list[str]:
         fmt(row.throughput.mean, 1),
         fmt(row.top1.mean, 3),
         fmt(row.top1.std, 3),
+        fmt(interval[0], 3),
+        fmt(interval[1], 3),
         fmt(row.top5.mean, 3),
         fmt(row.top5.std, 3),
         fmt(row.best_top1.mean, 3),
@@ -350,6 +502,13 @@ def csv_values(table: Table, row: Row) -> list[str]:
         fmt(paper.get("top5")),
         fmt_delta(row.top1.mean, paper.get("top1"), 3) if compare else "",
         fmt_delta(row.top5.mean, paper.get("top5"), 3) if compare else "",
+        row.baseline.label if row.baseline else "",
+        str(delta.n) if row.delta else "",
+        fmt_signed(delta.mean, 3),
+        fmt(delta.std, 3),
+        fmt_signed(delta.low, 3),
+        fmt_signed(delta.high, 3),
+        row.verdict,
     ]
 
 
@@ -364,6 +523,8 @@ def csv_header(table: Table) -> list[str]:
         "throughput",
         "top1_mean",
         "top1_std",
+        "top1_ci95_low",
+        "top1_ci95_high",
         "top5_mean",
         "top5_std",
         "best_top1_mean",
@@ -372,7 +533,29 @@ def csv_header(table: Table) -> list[str]:
         "paper_top5",
         "delta_top1",
         "delta_top5",
+        "baseline",
+        "n_pairs",
+        "delta_baseline_mean",
+        "delta_baseline_std",
+        "delta_baseline_ci95_low",
+        "delta_baseline_ci95_high",
+        "verdict",
     ]
+
+
+def _baseline_caption(table: Table) -> str:
+    labels = {row.baseline.label for row in table.rows if row.baseline is not None}
+    whom = (
+        f"the baseline, {next(iter(labels))}"
+        if len(labels) == 1
+        else "each row's baseline (the row without attention that agrees with it on every "
+        "other axis)"
+    )
+    return (
+        f"Δ vs baseline: ours - {whom}, paired by seed: mean and 95% CI of the per-seed "
+        "differences. Verdict: above the baseline beyond seed noise (CI > 0), within noise "
+        "(CI contains 0), below the baseline (CI < 0), n too small (fewer than 2 pairs)."
+    )
 
 
 def _caption(table: Table) -> list[str]:
@@ -391,13 +574,17 @@ def _caption(table: Table) -> list[str]:
         )
     else:
         lines.append(
-            "Accuracy: final epoch, mean ± sample std over n seeds. "
-            + (
-                "Δ = ours - paper."
-                if any(row.dataset for row in table.rows)
-                else "No Δ: our runs did not use the paper's dataset."
-            )
+            "Accuracy: final epoch, mean ± sample std over n seeds; 95% CI of the mean: "
+            "Student t, n - 1 degrees of freedom (none for n = 1)."
         )
+        if _has_baseline(table):
+            lines.append(_baseline_caption(table))
+        if _has_paper(table):
+            lines.append(
+                "Δ vs paper = ours - paper."
+                if any(row.dataset for row in table.rows)
+                else "No Δ vs paper: our runs did not use the paper's dataset."
+            )
     if table.unmatched:
         lines.append(f"{table.unmatched} record(s) matched no variant and are left out.")
     return lines
@@ -438,6 +625,8 @@ _TEX_ESCAPES = {
     "^": r"\textasciicircum{}",
     "Δ": r"$\Delta$",
     "±": r"$\pm$",
+    "<": r"$<$",  # text-mode < and > print as ¡ and ¿ in LaTeX's default (OT1) encoding
+    ">": r"$>$",
 }
 
 
@@ -474,74 +663,135 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=100, metadata={"Software": None})
 
 
-def plot_accuracy_vs_gmacs(table: Table, path: Path) -> None:
+MARKERS = "osD^vP*Xph<>"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in table.rows:
-        if row.top1.mean is None or row.gmacs.mean is None:
-            continue
+    return plt
+
+
+def plot_accuracy_vs_gmacs(table: Table, path: Path) -> None:
+    """Top-1 (mean ± std over seeds) against GMACs, one marker and colour per variant,
+    named in a legend: variants often differ in GMACs by less than a label's width, so
+    labels written beside the points collide."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    rows = [r for r in table.rows if r.top1.mean is not None and r.gmacs.mean is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
+    for i, row in enumerate(rows):
         ax.errorbar(
             row.gmacs.mean,
             row.top1.mean,
             yerr=row.top1.std or 0.0,
-            fmt="o",
+            fmt=MARKERS[i % len(MARKERS)],
+            color=f"C{i % 10}",
             capsize=3,
+            markersize=6,
             label=row.variant.label,
         )
-        ax.annotate(
-            row.variant.label,
-            (row.gmacs.mean, row.top1.mean),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    ax.xaxis.set_major_formatter(formatter)
     ax.set_xlabel("GMACs per image")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("top-1 accuracy (%), mean ± std")
     ax.set_title(f"{table.ablation} ({table.setting})")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     _save(fig, path)
     plt.close(fig)
 
 
-def plot_bars(table: Table, path: Path) -> None:
-    import matplotlib
+def plot_top1(table: Table, path: Path) -> None:
+    """Top-1 per variant as a dot plot, and beside it each variant's paired difference to
+    the baseline with its 95% interval (the verdict column, drawn).
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    Not bars: a bar encodes its value by its length from zero, so its axis must start at
+    0, and from 0 the few points between variants at 70-80% shrink to a few pixels. A dot
+    encodes its value by its position on a shared scale, which needs no zero, so the axis
+    can zoom in on the differences without exaggerating them: the left panel shows every
+    seed (hollow) and the mean (filled), the baseline's mean dashed. Whether a difference
+    is larger than seed noise is read from the right panel, whose axis does include 0:
+    the interval of the seed-paired differences, the same one the verdict uses. (Separate
+    per-variant intervals would mislead here: with two seeds each is +-6 standard
+    deviations wide, and they ignore the pairing.)
+    """
+    plt = _pyplot()
 
     rows = [row for row in table.rows if row.top1.mean is not None]
-    labels = [row.variant.label for row in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 4))
-    xs = list(range(len(rows)))
-    ax.bar(
-        xs,
-        [r.top1.mean for r in rows],
-        yerr=[r.top1.std or 0.0 for r in rows],
-        capsize=4,
-        color="tab:blue",
-        label="ours (mean ± std)",
+    compared = [row for row in rows if row.delta is not None and row.delta.mean is not None]
+    width = max(4.5, 0.7 * len(rows) + 2.5)
+    panels = 2 if compared else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(width * panels, 4), layout="constrained", squeeze=False
     )
-    if any(row.dataset for row in rows):
-        paper = [(x, r.paper.get("top1")) for x, r in zip(xs, rows, strict=True) if r.dataset]
-        paper = [(x, y) for x, y in paper if y is not None]
-        if paper:
-            ax.scatter(
-                *zip(*paper, strict=True), marker="x", color="black", zorder=3, label="paper"
-            )
-    means = [r.top1.mean for r in rows]
-    if means:
-        spread = max(means) - min(means)
-        ax.set_ylim(min(means) - max(1.0, 2 * spread), max(means) + max(1.0, spread))
-    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+    ax = axes[0][0]
+    xs = list(range(len(rows)))
+    for x, row in zip(xs, rows, strict=True):
+        values = row.top1.values
+        spread = [0.1 * (2 * j / (len(values) - 1) - 1) if len(values) > 1 else 0.0
+                  for j in range(len(values))]  # fmt: skip
+        ax.scatter(
+            [x + o for o in spread],
+            values,
+            s=18,
+            facecolors="none",
+            edgecolors="0.4",
+            linewidths=0.9,
+            label="seeds" if x == 0 else None,
+            zorder=2,
+        )
+        ax.scatter(x, row.top1.mean, s=40, color="tab:blue", zorder=3,
+                   label="mean" if x == 0 else None)  # fmt: skip
+    base = next((row for row in rows if row.is_baseline), None)
+    if base is not None:
+        ax.axhline(base.top1.mean, color="0.3", linestyle="--", linewidth=1, zorder=1,
+                   label=f"baseline mean ({base.variant.label})")  # fmt: skip
+    paper = [(x, r.paper.get("top1")) for x, r in zip(xs, rows, strict=True) if r.dataset]
+    paper = [(x, y) for x, y in paper if y is not None]
+    if paper:
+        ax.scatter(*zip(*paper, strict=True), marker="x", color="black", zorder=4, label="paper")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_xticks(xs, [row.variant.label for row in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{table.ablation} ({table.setting})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title("top-1 per seed and mean", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    if compared:
+        ax = axes[0][1]
+        cx = list(range(len(compared)))
+        for x, row in zip(cx, compared, strict=True):
+            delta = row.delta
+            color = {ABOVE: "tab:green", BELOW: "tab:red"}.get(row.verdict, "0.35")
+            yerr = None
+            if delta.low is not None and delta.high is not None:
+                yerr = [[delta.mean - delta.low], [delta.high - delta.mean]]
+            ax.errorbar(x, delta.mean, yerr=yerr, fmt="o", color=color, capsize=4,
+                        markersize=6)  # fmt: skip
+        ax.axhline(0.0, color="0.3", linewidth=1)
+        ax.set_xlim(-0.6, len(compared) - 0.4)
+        labels = [row.variant.label for row in compared]
+        ax.set_xticks(cx, labels, rotation=30, ha="right", fontsize=8)
+        low = min(min(r.delta.low if r.delta.low is not None else r.delta.mean, 0.0)
+                  for r in compared)  # fmt: skip
+        high = max(max(r.delta.high if r.delta.high is not None else r.delta.mean, 0.0)
+                   for r in compared)  # fmt: skip
+        pad = 0.08 * (high - low or 1.0)
+        ax.set_ylim(low - pad, high + pad)
+        names = sorted({row.baseline.label for row in compared})
+        ax.set_ylabel(f"Δ top-1 vs {names[0] if len(names) == 1 else 'baseline'} (points)")
+        ax.set_title(
+            "paired by seed: mean and 95% CI\n(red: below the baseline, green: above it)",
+            fontsize=9,
+        )
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{table.ablation} ({table.setting})", fontsize=11)
     _save(fig, path)
     plt.close(fig)
 
@@ -564,15 +814,57 @@ def write_tables(tables: Sequence[Table], out_dir: Path, plots: bool = True) -> 
             path.write_text(text)
             written.append(path)
         if plots and not table.cost_only and any(r.top1.n for r in table.rows):
-            for name, draw in (("top1", plot_bars), ("top1_vs_gmacs", plot_accuracy_vs_gmacs)):
+            for name, draw in (("top1", plot_top1), ("top1_vs_gmacs", plot_accuracy_vs_gmacs)):
                 path = base / f"{table.setting}.{name}.png"
                 draw(table, path)
                 written.append(path)
     return written
 
 
+def _cost_words(row: Row) -> str:
+    return f"{fmt(_params_m(row.params), 3)}M params, {fmt(row.gmacs.mean, 3)} GMACs"
+
+
+def _versus(row: Row) -> str:
+    """``+0.52 [95% CI -0.10, +1.14] vs ResNet: within noise``."""
+    delta = row.delta
+    if delta is None or delta.mean is None:
+        return f"no run pairs with {row.baseline.label}" if row.baseline else ""
+    text = f"Δ {fmt_signed(delta.mean)}"
+    if delta.low is not None and delta.high is not None:
+        text += f" [95% CI {fmt_signed(delta.low)}, {fmt_signed(delta.high)}]"
+    return f"{text} vs {row.baseline.label}: {row.verdict}"
+
+
+def headline(table: Table) -> str:
+    """One line for the README: the best row by mean top-1, its difference to its
+    baseline (or, where the baseline is best, the best other row's), its cost."""
+    rows = [row for row in table.rows if row.top1.mean is not None]
+    if not rows:
+        return ""
+    best = max(rows, key=lambda row: row.top1.mean)  # the first of equals
+
+    def describe(row: Row) -> str:
+        return f"{row.variant.label}, {fmt_stat(row.top1)} (n = {row.top1.n})"
+
+    runs = sum(row.top1.n for row in rows)
+    text = f"- **{table.ablation}**, {table.setting} ({runs} runs): best top-1 {describe(best)}"
+    if best.is_baseline:
+        text += f", the baseline; {_cost_words(best)}."
+        others = [row for row in rows if not row.is_baseline]
+        if others:
+            second = max(others, key=lambda row: row.top1.mean)
+            text += f" Best of the others: {describe(second)}, {_versus(second)}; "
+            text += f"{_cost_words(second)}."
+    elif best.baseline is not None:
+        text += f", {_versus(best)}; {_cost_words(best)}."
+    else:
+        text += f"; {_cost_words(best)} (no baseline row)."
+    return text
+
+
 def index_markdown(tables: Sequence[Table], out_dir: Path, readme: Path) -> str:
-    """``results/README.md``: every table, with links relative to the README."""
+    """``results/README.md``: headlines, then every table, with links relative to it."""
     rel = Path(_relpath(out_dir, readme.parent))
     out = [
         "# Results",
@@ -584,9 +876,25 @@ def index_markdown(tables: Sequence[Table], out_dir: Path, readme: Path) -> str:
         "training.",
         "",
     ]
+    trained = [t for t in tables if not t.cost_only and any(r.top1.n for r in t.rows)]
+    if trained:
+        out += [
+            "## Headlines",
+            "",
+            "Top-1 (%): final epoch, mean ± sample std over n seeds. Δ: top-1 minus the",
+            "ablation's baseline, paired by seed, with its 95% confidence interval (Student",
+            "t); the verdict says whether that interval lies above 0, below 0, or across",
+            "it (within noise).",
+            "",
+            *[headline(t) for t in trained],
+            "",
+        ]
     by_ablation: dict[str, list[Table]] = defaultdict(list)
     for table in tables:
         by_ablation[table.ablation].append(table)
+    untrained = sorted(set(by_ablation) - {t.ablation for t in trained})
+    if trained and untrained:
+        out += ["No trained runs yet (costs only): " + ", ".join(untrained) + ".", ""]
     if not by_ablation:
         out.append("No run records yet.")
     for ablation, group in sorted(by_ablation.items()):
@@ -613,21 +921,60 @@ def _relpath(path: Path, start: Path) -> str:
 
 
 def make_tables(
-    results: Path, out_dir: Path | None = None, readme: Path | None = None, plots: bool = True
+    results: Path | None = None,
+    out_dir: Path | None = None,
+    readme: Path | None = None,
+    plots: bool = True,
+    *,
+    runs: Path | None = None,
 ) -> list[Table]:
-    """Rebuild every table (and the README index) from ``<results>/runs``."""
+    """Rebuild every table (and the README index) from the run records.
+
+    ``runs`` defaults to ``<results>/runs``, ``out_dir`` to ``<results>/tables`` and
+    ``readme`` to ``<results>/README.md`` (to ``<out_dir>/README.md`` when only
+    ``out_dir`` is given and ``results`` is not).
+    """
+    if results is None and (runs is None or out_dir is None):
+        raise ValueError("make_tables needs results, or both runs and out_dir")
+    runs = runs or results / "runs"
     out_dir = out_dir or results / "tables"
-    readme = readme or results / "README.md"
-    tables = build_tables(load_records(results / "runs"))
-    if out_dir.exists():
-        # Stale tables of ablations whose records are gone must not survive a rebuild.
-        for old in sorted(out_dir.rglob("*"), reverse=True):
-            if old.is_file() and old.suffix in (".md", ".csv", ".tex", ".png"):
-                old.unlink()
+    readme = readme or (results / "README.md" if results is not None else out_dir / "README.md")
+    if not runs.is_dir():
+        raise ValueError(f"no run records folder at {runs}")
+    stale = _old_tables(out_dir, readme)
+    tables = build_tables(load_records(runs))
+    # Stale tables of ablations whose records are gone must not survive a rebuild.
+    for old in stale:
+        old.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tables(tables, out_dir, plots=plots)
+    readme.parent.mkdir(parents=True, exist_ok=True)
     readme.write_text(index_markdown(tables, out_dir, readme))
     return tables
+
+
+TABLE_SUFFIXES = (".md", ".csv", ".tex", ".png")
+
+
+def _old_tables(out_dir: Path, readme: Path) -> list[Path]:
+    """The tables a rebuild replaces (``<out_dir>/<ablation>/<file>``). A folder that holds
+    anything else is refused, so that ``--out`` pointed at the wrong place deletes nothing."""
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is not a folder")
+    ours, foreign = [], []
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_dir() or path == readme:
+            continue
+        depth = len(path.relative_to(out_dir).parts)
+        (ours if depth == 2 and path.suffix in TABLE_SUFFIXES else foreign).append(path)
+    if foreign:
+        raise ValueError(
+            f"{out_dir} holds {len(foreign)} file(s) that are not tables, e.g. {foreign[0]}; "
+            "point the tables at an empty folder or at one that holds tables only"
+        )
+    return ours
 
 
 def results_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -647,11 +994,29 @@ def results_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = results_parser("python -m bench.tables", __doc__).parse_args(argv)
-    tables = make_tables(args.results, plots=not args.no_plots)
-    print(f"{len(tables)} table(s) from {args.results / 'runs'} -> {args.results / 'tables'}")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = results_parser("python -m bench.tables", __doc__)
+    parser.add_argument(
+        "--runs", type=Path, help="the run records (<ablation>/*.json); default: <results>/runs"
+    )
+    parser.add_argument("--out", type=Path, help="where the tables go; default: <results>/tables")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help="the index; default: <results>/README.md, or <out>/README.md with --out",
+    )
+    args = parser.parse_args(argv)
+    runs = args.runs or args.results / "runs"
+    out = args.out or args.results / "tables"
+    readme = args.readme or (out / "README.md" if args.out else args.results / "README.md")
+    try:
+        tables = make_tables(args.results, out, readme, plots=not args.no_plots, runs=runs)
+    except ValueError as err:
+        print(f"python -m bench.tables: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(tables)} table(s) from {runs} -> {out} (index {readme})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -101,7 +101,13 @@ def test_aggregates_mean_std_n_and_paper_delta(synthetic):
     assert first.paper["top1"] == pytest.approx(77.34)
     assert second.paper["top5"] == pytest.approx(93.41)
     md = tables.to_markdown(table)
-    assert "| channel -> spatial | 3 | 28.090 | 3.864 | 101 | 78.17 ± 1.26 | 93.50 ± 0.50 |" in md
+    # 95% CI: 78.1667 ± t(0.975, 2) 4.3027 * 1.2583 / sqrt(3) = ± 3.1258
+    assert (
+        "| channel -> spatial | 3 | 28.090 | 3.864 | 101 | 78.17 ± 1.26 | [75.04, 81.29] "
+        "| 93.50 ± 0.50 |" in md
+    )
+    assert "| parallel | 1 | 28.090 | 3.864 | 100 | 76.00 |  | 92.00 |" in md  # n = 1: no CI
+    assert "Verdict" not in md  # no baseline: no paired columns
     # delta = ours - paper: 78.1667 - 77.34 and 76.0 - 77.05
     assert "| 77.34 | +0.83 |" in md
     assert "| 77.05 | -1.05 |" in md
@@ -110,6 +116,8 @@ def test_aggregates_mean_std_n_and_paper_delta(synthetic):
     assert rows[0]["top1_std"] == f"{statistics.stdev([77.0, 78.0, 79.5]):.3f}"
     assert rows[0]["delta_top1"] == "+0.827"
     assert rows[0]["best_top1_mean"] == "78.667"
+    assert (rows[0]["top1_ci95_low"], rows[0]["top1_ci95_high"]) == ("75.041", "81.292")
+    assert rows[0]["verdict"] == rows[0]["baseline"] == ""
     tex = tables.to_latex(table)
     assert r"78.17 $\pm$ 1.26" in tex and r"\toprule" in tex and "cbam\\_arrangement" in tex
 
@@ -118,8 +126,155 @@ def test_no_delta_on_another_dataset(tmp_path):
     write_records(tmp_path, [make_record("parallel", 0, 60.0, 90.0, data="cifar10")])
     (table,) = tables.build_tables(tables.load_records(tmp_path / "runs"))
     assert table.rows[0].dataset is None
-    row = tables.cells(table, table.rows[0])
-    assert row[7] == "77.05" and row[8] == ""  # paper shown, no delta across datasets
+    headers = [h for h, _ in tables.columns(table)]
+    row = dict(zip(headers, tables.cells(table, table.rows[0]), strict=True))
+    assert row["Paper top-1"] == "77.05" and row["Δ top-1 vs paper"] == ""  # no delta across
+    assert "No Δ vs paper" in tables.to_markdown(table)  # datasets, and the caption says so
+
+
+BLOCK_VARIANTS = [
+    {"label": "ResNet", "ref": None, "match": {"attention.block": "none"}},
+    {"label": "+ SE", "ref": None, "match": {"attention.block": "se"}},
+    {"label": "+ CBAM", "ref": None, "match": {"attention.block": "cbam"}},
+]
+
+
+def block_record(block, seed, top1, *, baseline=None, model="resnet20_cifar", variants=None):
+    record = make_record("channel_spatial", seed, top1, 95.0, data="cifar10")
+    config = record["config"]
+    config.update(ablation="cifar_blocks", variants=variants or BLOCK_VARIANTS, paper=None)
+    config["attention"] = {"block": block}
+    config["model"] = {"name": model}
+    if baseline is not None:
+        config["baseline"] = baseline
+    record.update(ablation="cifar_blocks", run_id=run_id(config), params=270_000 + len(block))
+    return record
+
+
+def paired_table(tmp_path, records):
+    write_records(tmp_path, records)
+    (table,) = tables.build_tables(tables.load_records(tmp_path / "runs"))
+    return table, {row.variant.label: row for row in table.rows}
+
+
+def test_rows_are_compared_with_the_baseline_paired_by_seed(tmp_path):
+    base = {0: 80.0, 1: 81.0, 2: 79.0, 3: 80.5}
+    se = {0: 81.0, 1: 82.5, 2: 80.5}  # +1.0, +1.5, +1.5: seed 3 has no SE run
+    cbam = {0: 78.0, 1: 82.0, 2: 79.5}  # -2.0, +1.0, +0.5
+    records = [block_record("none", s, v) for s, v in base.items()]
+    records += [block_record("se", s, v) for s, v in se.items()]
+    records += [block_record("cbam", s, v) for s, v in cbam.items()]
+    table, rows = paired_table(tmp_path, records)
+    assert rows["ResNet"].is_baseline and rows["ResNet"].verdict == "baseline"
+    delta = rows["+ SE"].delta
+    # mean 4/3, s = sqrt(1/12), 95% CI ± t(0.975, 2) 4.3027 * s / sqrt(3) = ± 0.7171
+    assert delta.n == 3 and delta.mean == pytest.approx(4 / 3)
+    assert (delta.low, delta.high) == pytest.approx((0.61622, 2.05045), abs=1e-5)
+    assert rows["+ SE"].verdict == "above the baseline beyond seed noise"
+    assert rows["+ CBAM"].verdict == "within noise"
+    md = tables.to_markdown(table)
+    assert "| Δ top-1 vs baseline [95% CI] | Verdict |" in md
+    assert "| +1.33 [+0.62, +2.05] | above the baseline beyond seed noise |" in md
+    assert "ours - the baseline, ResNet, paired by seed" in md
+    assert "Paper top-1" not in md  # no paper numbers: no paper columns
+    csv_rows = {r["variant"]: r for r in csv.DictReader(io.StringIO(tables.to_csv(table)))}
+    assert csv_rows["+ SE"]["n_pairs"] == "3" and csv_rows["+ SE"]["baseline"] == "ResNet"
+    assert csv_rows["+ SE"]["delta_baseline_ci95_low"] == "+0.616"
+    tex = tables.to_latex(table)
+    assert "+1.33 [+0.62, +2.05] & above the baseline beyond seed noise" in tex
+    assert "(CI $>$ 0)" in tex  # a bare > prints as ¿ in LaTeX's default encoding
+
+
+@pytest.mark.parametrize(
+    ("diffs", "verdict"),
+    [([-1.0, -1.5, -1.5], "below the baseline"), ([2.0], "n too small"), ([], "n too small")],
+)
+def test_verdicts_below_and_too_few_pairs(tmp_path, diffs, verdict):
+    records = [block_record("none", s, 80.0) for s in range(3)]
+    records += [block_record("se", s, 80.0 + d) for s, d in enumerate(diffs)]
+    records += [block_record("cbam", 9, 70.0)]  # seed 9: no baseline run to pair with
+    _, rows = paired_table(tmp_path, records)
+    if diffs:
+        assert rows["+ SE"].verdict == verdict
+    assert rows["+ CBAM"].verdict == "n too small" and rows["+ CBAM"].delta.n == 0
+
+
+def test_the_ablation_names_its_baseline(tmp_path):
+    records = [block_record(b, s, 80.0 + s + i, baseline="+ SE")
+               for i, b in enumerate(("none", "se")) for s in range(2)]  # fmt: skip
+    _, rows = paired_table(tmp_path, records)
+    assert rows["+ SE"].is_baseline and rows["ResNet"].baseline.label == "+ SE"
+    assert rows["ResNet"].delta.mean == pytest.approx(-1.0)
+
+
+def test_a_baseline_that_is_no_variant_is_named(tmp_path):
+    write_records(tmp_path, [block_record("none", 0, 80.0, baseline="ResNet-20")])
+    with pytest.raises(ValueError, match=r"baseline 'ResNet-20' is not a variant label.*'\+ SE'"):
+        tables.build_tables(tables.load_records(tmp_path / "runs"))
+
+
+def test_one_baseline_per_backbone_without_a_baseline_key(tmp_path):
+    variants = [
+        {"label": f"{m} {b}", "ref": None, "match": {"model.name": m, "attention.block": b}}
+        for m in ("resnet18", "resnet50")
+        for b in ("none", "se")
+    ]
+    records = []
+    for m in ("resnet18", "resnet50"):
+        for b, top1 in (("none", 70.0), ("se", 71.0)):
+            for seed in range(2):
+                value = top1 + 5 * (m == "resnet50") + seed
+                records.append(block_record(b, seed, value, model=m, variants=variants))
+    _, rows = paired_table(tmp_path, records)
+    assert rows["resnet50 se"].baseline.label == "resnet50 none"
+    assert rows["resnet18 se"].baseline.label == "resnet18 none"
+    assert rows["resnet50 se"].delta.mean == pytest.approx(1.0)
+
+
+def test_no_baseline_row_means_no_paired_columns(synthetic):
+    built = tables.build_tables(tables.load_records(synthetic / "runs"))
+    table = _table(built, "cpu-imagenet-resnet50")
+    assert all(row.baseline is None and row.delta is None for row in table.rows)
+    assert "Δ top-1 vs baseline" not in tables.to_latex(table)
+
+
+def test_readme_opens_with_a_headline_per_trained_table(tmp_path):
+    records = [block_record("none", s, 80.0 + s) for s in range(3)]
+    records += [block_record("se", s, 81.0 + s + 0.1 * (s == 1)) for s in range(3)]
+    write_records(tmp_path, records)
+    tables.make_tables(tmp_path, plots=False)
+    readme = (tmp_path / "README.md").read_text()
+    headlines = readme.split("## Headlines")[1].split("\n## ")[0]
+    line = next(x for x in headlines.splitlines() if x.startswith("- **cifar_blocks**"))
+    assert "best top-1 + SE, 82.03 ± 1.00 (n = 3)" in line
+    assert "Δ +1.03 [95% CI +0.89, +1.18] vs ResNet: above the baseline beyond seed noise" in line
+    assert line.endswith("; 0.270M params, 3.864 GMACs.")
+    assert readme.index("## Headlines") < readme.index("## cifar_blocks")
+
+
+def test_command_line_takes_runs_and_out_folders(synthetic, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert tables.main(["--runs", str(synthetic / "runs"), "--out", str(out), "--no-plots"]) == 0
+    assert (out / "cbam_arrangement" / "cpu-imagenet-resnet50.md").is_file()
+    assert "[md](cbam_arrangement/cpu-imagenet-resnet50.md)" in (out / "README.md").read_text()
+    assert not (tmp_path / "README.md").exists()
+    # --results alone still rebuilds <results>/tables and <results>/README.md.
+    assert tables.main(["--results", str(synthetic), "--no-plots"]) == 0
+    assert (synthetic / "tables" / "cbam_arrangement" / "cpu-imagenet-resnet50.csv").is_file()
+    assert (synthetic / "README.md").is_file()
+    capsys.readouterr()
+
+    assert tables.main(["--runs", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"no run records folder at {tmp_path / 'nope'}" in err and len(err.splitlines()) == 1
+    # An --out folder holding other files is refused, and nothing in it is deleted.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a").mkdir()
+    (tmp_path / "notes" / "a" / "keep.md").write_text("mine")
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert tables.main(["--results", str(synthetic), "--out", str(tmp_path / "notes")]) == 2
+    assert "not tables" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "a" / "keep.md").read_text() == "mine"
 
 
 def test_written_files_are_deterministic(synthetic, tmp_path):
