@@ -241,16 +241,25 @@ def _spec(backbone) -> BackboneSpec:
 
 
 def _stages(where: str, value, spec: BackboneSpec) -> list[int]:
+    """Stage numbers 1..n. Negative numbers count from the end (-1 is the last stage) and
+    ``all_but_last`` drops the last, so one placement reads the same on a 4-stage ImageNet
+    ResNet and a 3-stage CIFAR ResNet (GC's "last three stages", BAM's bottlenecks)."""
     n = spec.num_stages
-    accepted = f"'all', or 1-based stage numbers 1..{n} ({spec.name} has {n} stages)"
+    accepted = (
+        f"'all', 'all_but_last', or stage numbers 1..{n} (negatives count from the end: -1 "
+        f"is the last; {spec.name} has {n} stages)"
+    )
     if value == "all":
         return list(range(1, n + 1))
+    if value == "all_but_last":
+        return list(range(1, n))
     items = [value] if _is_index(value) else value
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError(f"{where}: stages={value!r} is not accepted; use {accepted}")
     for stage in items:
-        if not _is_index(stage) or not 1 <= stage <= n:
+        if not _is_index(stage) or not (1 <= stage <= n or -n <= stage <= -1):
             raise ValueError(f"{where}: stage {stage!r} is out of range; use {accepted}")
+    items = [stage if stage > 0 else n + 1 + stage for stage in items]
     if len(set(items)) != len(items):
         raise ValueError(f"{where}: stages={value!r} names a stage twice")
     return sorted(items)

@@ -660,11 +660,13 @@ BAD = [
     (
         {**GOOD, "stages": [4]},
         (
-            r"stage 4 is out of range; use 'all', or 1-based stage numbers 1..3 "
-            r"\(ResNetBackbone has 3 stages\)"
+            r"stage 4 is out of range; use 'all', 'all_but_last', or stage numbers 1..3 "
+            r"\(negatives count from the end: -1 is the last; ResNetBackbone has 3 stages\)"
         ),
     ),
     ({**GOOD, "stages": [0]}, r"stage 0 is out of range"),
+    ({**GOOD, "stages": [-4]}, r"stage -4 is out of range"),
+    ({**GOOD, "stages": [3, -1]}, r"names a stage twice"),
     ({**GOOD, "stages": ["two"]}, r"stage 'two' is out of range"),
     ({**GOOD, "stages": []}, r"stages=\[\] is not accepted"),
     ({**GOOD, "stages": "some"}, r"stages='some' is not accepted"),
@@ -772,3 +774,13 @@ def test_validation_does_not_shift_the_random_stream():
     expected = [RandomMix(16), RandomMix(32)]
     for row, block in zip(rows, expected, strict=True):
         assert torch.equal(model.get_submodule(row.path).mix.weight, block.mix.weight)
+
+
+def test_stages_count_from_the_end_and_all_but_last():
+    # One placement reads the same on a 4-stage ImageNet and a 3-stage CIFAR ResNet.
+    last_three = {"block": "se", "stages": [-3, -2, -1]}
+    assert validate_placements([last_three], "resnet50")[0]["stages"] == [2, 3, 4]
+    assert validate_placements([last_three], "resnet20_cifar")[0]["stages"] == [1, 2, 3]
+    but_last = {"block": "se", "stages": "all_but_last", "position": "stage_end"}
+    assert validate_placements([but_last], "resnet50")[0]["stages"] == [1, 2, 3]
+    assert validate_placements([but_last], "resnet20_cifar")[0]["stages"] == [1, 2]
