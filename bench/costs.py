@@ -2,11 +2,13 @@
 
     python -m bench.costs [--results results] [--ablation NAME ...]     (make costs)
 
-Each variant is planned exactly as the sweep would run it (``bench.sweep.validate_sweep``,
-under the ablation's own protocol), built on the meta device and profiled at the paper's
-input size (the data recipe's: 32 for CIFAR, 224 for ImageNet). The record has status
-``cost-only`` and its own run id, so it never stands in for a trained run. Existing cost
-records are kept; the tables are rebuilt afterwards (``bench.tables.make_tables``).
+Each variant is planned exactly as the sweep would run it (``bench.sweep.validate_sweep``)
+under the protocol of the paper's setting (the ablation's ``paper.protocol``: ``imagenet``,
+ResNet-50 at 224, for most; ``cifar`` for the CIFAR tables), built on the meta device and
+profiled at that setting's input size (the data recipe's: 32 for CIFAR, 224 for
+ImageNet). The record has status ``cost-only`` and its own run id, so it never stands in
+for a trained run. Existing cost records are kept; the tables are rebuilt afterwards
+(``bench.tables.make_tables``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from pathlib import Path
 
 import timm
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from bench.config import compose, resolve
 from bench.data import RECIPES
 from bench.lit import build_model
 from bench.profile import profile
-from bench.records import COST_ONLY, SCHEMA_VERSION, record_path, run_id, write_record
+from bench.records import COST_ONLY, RunRecord, record_path, run_id, write_record
 from bench.sweep import PlannedRun, SweepError, ablation_names, validate_sweep
 from bench.tables import make_tables, results_parser
-from bench.train import resolve
 
 
 def input_size(config: Mapping) -> tuple[int, int, int]:
@@ -38,7 +41,13 @@ def input_size(config: Mapping) -> tuple[int, int, int]:
     return (3, side, side)
 
 
-def cost_record(run: PlannedRun) -> dict:
+def paper_protocol(ablation: str) -> str | None:
+    """The protocol of the paper's setting (``paper.protocol`` in the ablation file)."""
+    config = compose([f"ablation={ablation}"])
+    return OmegaConf.select(config, "paper.protocol", default=None)
+
+
+def cost_record(run: PlannedRun) -> RunRecord:
     """A ``cost-only`` run record: params and GMACs of the run's model, no training."""
     config = resolve(run.config)
     size = input_size(config)
@@ -54,31 +63,16 @@ def cost_record(run: PlannedRun) -> dict:
     except NotImplementedError:  # a block that needs real data (FcaNet's DCT filters)
         model, summary = build_model(config["model"], placements, classes)
         costs = profile(model, input_size=size)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id(config),
-        "ablation": run.ablation,
-        "run_name": config["run_name"],
-        "status": COST_ONLY,
-        "config": config,
-        "params": int(costs["params"]),
-        "gmacs": float(costs["gmacs"]),
-        "profile": costs,
-        "attention": summary.to_dicts(),
-        "top1": None,
-        "top5": None,
-        "best_top1": None,
-        "best_top5": None,
-        "epochs": 0,
-        "max_epochs": None,
-        "throughput": None,
-        "wall_time_s": round(time.perf_counter() - start, 3),
-        "device": "meta",
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-        "git_commit": None,
-        "started_at": "",
-        "finished_at": "",
-    }
+    return RunRecord.for_model(
+        config,
+        run_id(config),
+        costs,
+        summary,
+        status=COST_ONLY,
+        wall_time_s=round(time.perf_counter() - start, 3),
+        device="meta",
+        versions={"torch": torch.__version__, "timm": timm.__version__},
+    )
 
 
 def write_cost_records(
@@ -88,13 +82,14 @@ def write_cost_records(
     write one ``cost-only`` record per variant; existing cost records are kept."""
     planned = []
     for ablation in ablations or ablation_names():
-        runs = validate_sweep(ablation, None, [f"results_dir={runs_dir}"])
+        protocol = paper_protocol(ablation)
+        runs = validate_sweep(ablation, protocol, [f"results_dir={runs_dir}"])
         seeds = {r.config.seed for r in runs}
         planned += [r for r in runs if r.config.seed == min(seeds)]
     written = []
     for run in tqdm(planned, desc="cost-only", unit="variant", disable=not progress):
         record = cost_record(run)
-        path = record_path(runs_dir, run.ablation, record["run_id"])
+        path = record_path(runs_dir, run.ablation, record.run_id)
         if not path.exists():
             written.append(write_record(path, record))
     return written

@@ -5,7 +5,8 @@ Everything comes from the resolved config (a plain nested dict):
 - ``model``: ``name`` (a ``modules.build_backbone`` name); every other key is passed to
   ``build_backbone`` (``cifar_stem``, ``stride_in_1x1``, ``drop_path_rate``, ...);
 - ``attention.placements``: the list given to ``modules.inject``;
-- ``optim``: ``name`` (``sgd`` | ``adamw``) and that optimizer's keyword arguments;
+- ``optim``: ``_target_`` (the optimizer class), ``name`` (its label) and its keyword
+  arguments;
 - ``schedule``: given to ``bench.schedules.build_scheduler``, stepped every optimizer step;
 - ``loss.label_smoothing``;
 - ``trainer.channels_last`` and ``trainer.compile``.
@@ -16,7 +17,6 @@ parameters a block lists in its ``no_weight_decay()``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,33 +27,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from bench.config import optimizer_spec
 from bench.schedules import build_scheduler
 from modules import build_backbone, inject
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adamw": torch.optim.AdamW,
-}
-
-
-def optimizer_spec(optim_cfg: Mapping[str, Any]) -> tuple[type[torch.optim.Optimizer], dict]:
-    """The optimizer class and its keyword arguments; a ValueError for an unknown name
-    or an argument the optimizer does not take, listing what is accepted."""
-    options = dict(optim_cfg)
-    name = options.pop("name", None)
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
-    cls = OPTIMIZERS[name]
-    accepted = [
-        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"optim.{unknown[0]} is not an argument of {cls.__name__}; accepted: "
-            + ", ".join(accepted)
-        )
-    return cls, options
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

@@ -30,6 +30,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
 SCHEMA_VERSION = 1
 
 # Dotted config paths that do not change the trained model or its numbers.
@@ -38,6 +48,7 @@ RUN_IRRELEVANT_KEYS = (
     "results_dir",
     "run_name",
     "skip_done",
+    "verbose",
     "num_workers",
     "logger",
     "data.root",
@@ -50,37 +61,144 @@ RUN_IRRELEVANT_KEYS = (
     "trainer.max_time",
 )
 
-_NUMBER = (int, float)
-_NONE = type(None)
-# field -> accepted types; a done run must also have every metric and cost filled in.
-SCHEMA: dict[str, tuple[type, ...]] = {
-    "schema_version": (int,),
-    "run_id": (str,),
-    "ablation": (str,),
-    "run_name": (str,),
-    "status": (str,),
-    "config": (dict,),
-    "params": (int, _NONE),
-    "gmacs": (*_NUMBER, _NONE),
-    "top1": (*_NUMBER, _NONE),
-    "top5": (*_NUMBER, _NONE),
-    "best_top1": (*_NUMBER, _NONE),
-    "best_top5": (*_NUMBER, _NONE),
-    "epochs": (int,),
-    "max_epochs": (int, _NONE),
-    "throughput": (*_NUMBER, _NONE),
-    "wall_time_s": _NUMBER,
-    "device": (str,),
-    "versions": (dict,),
-    "git_commit": (str, _NONE),
-    "started_at": (str,),
-    "finished_at": (str,),
-}
-REQUIRED_WHEN_DONE = ("params", "gmacs", "top1", "top5", "best_top1", "best_top5")
+# The table metadata of an ablation (its rows, source, paper, baseline, protocols it cannot
+# run in) describe how a run is reported, not what is trained: editing them must not
+# orphan finished runs.
+ABLATION_METADATA_KEYS = ("source", "paper", "variants", "baseline", "unsupported")
+RUN_IRRELEVANT_KEYS += ABLATION_METADATA_KEYS
+
+DONE = "done"
 # Cost-only records (bench.costs, make costs) profile a configuration without training it,
 # so cost tables are rebuilt from records too; they carry costs but no accuracy.
 COST_ONLY = "cost-only"
+FAILED = "failed: "
+REQUIRED_WHEN_DONE = ("params", "gmacs", "top1", "top5", "best_top1", "best_top5")
 REQUIRED_WHEN_COST_ONLY = ("params", "gmacs")
+
+Number = StrictInt | StrictFloat
+
+
+class RunRecord(BaseModel):
+    """One run's record: the only place its fields, their types and their rules live.
+
+    Built by ``bench.train`` (``for_model`` + the training fields) and ``bench.costs``
+    (``for_model`` alone, ``status=cost-only``); read back by ``read_record`` for the
+    sweep and the tables. Item access (``record["top1"]``, ``record.get("profile")``)
+    reads a field by name, as the stored JSON would.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    schema_version: StrictInt = SCHEMA_VERSION
+    run_id: StrictStr
+    ablation: StrictStr
+    run_name: StrictStr
+    status: StrictStr
+    config: dict[str, Any]
+    params: StrictInt | None = None
+    gmacs: Number | None = None
+    profile: dict[str, Any] | None = None
+    attention: list[dict[str, Any]] | None = None
+    top1: Number | None = None
+    top5: Number | None = None
+    best_top1: Number | None = None
+    best_top5: Number | None = None
+    epochs: StrictInt = 0
+    max_epochs: StrictInt | None = None
+    throughput: Number | None = None
+    wall_time_s: Number = 0.0
+    device: StrictStr = ""
+    versions: dict[str, Any] = {}
+    git_commit: StrictStr | None = None
+    started_at: StrictStr = ""
+    finished_at: StrictStr = ""
+
+    @model_validator(mode="after")
+    def _status_rules(self) -> RunRecord:
+        if self.status == DONE:
+            required, what = REQUIRED_WHEN_DONE, "a done run"
+        elif self.status == COST_ONLY:
+            required, what = REQUIRED_WHEN_COST_ONLY, "a cost-only record"
+        elif self.status.startswith(FAILED):
+            required, what = (), ""
+        else:
+            raise ValueError(
+                f"status {self.status!r} is none of 'done', 'cost-only', 'failed: <reason>'"
+            )
+        missing = [f"{k!r} is null in {what}" for k in required if getattr(self, k) is None]
+        if missing:
+            raise ValueError("; ".join(missing))
+        return self
+
+    @classmethod
+    def for_model(
+        cls, config: Mapping[str, Any], rid: str, costs: Mapping[str, Any], summary, **fields
+    ) -> RunRecord:
+        """A record of the model ``config`` describes: its identity, params/GMACs from
+        ``bench.profile.profile`` (``costs``) and the injection ``summary``; ``fields``
+        fill in the rest (status, accuracies, timings, ...)."""
+        return cls(
+            run_id=rid,
+            ablation=config["ablation"],
+            run_name=config["run_name"],
+            config=dict(config),
+            params=costs.get("params"),
+            gmacs=costs.get("gmacs"),
+            profile=dict(costs),
+            attention=summary.to_dicts(),
+            **fields,
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def to_json(self) -> str:
+        """The stored text: sorted keys, two-space indent, no NaN."""
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _problems(err: ValidationError) -> str:
+    out = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            out.append(f"missing {where!r}")
+        elif where:
+            got = type(e["input"]).__name__ if e["type"] != "extra_forbidden" else "unknown"
+            out.append(f"{where!r} is {got}: {message}")
+        else:
+            out.append(message)
+    return "; ".join(dict.fromkeys(out))
+
+
+def as_record(record: RunRecord | Mapping[str, Any]) -> RunRecord:
+    """``record`` as a RunRecord; a ValueError listing every missing or mistyped field."""
+    if isinstance(record, RunRecord):
+        return record
+    # A stored record spells out every field: one that lacks a field was not written by
+    # this code (or was cut), whatever its defaults would say.
+    problems = [
+        f"missing {k!r}"
+        for k in RunRecord.model_fields
+        if k not in record and k not in ("profile", "attention")  # details, not the result
+    ]
+    try:
+        if not problems:
+            return RunRecord.model_validate(dict(record))
+    except ValidationError as err:
+        problems.append(_problems(err))
+    raise ValueError("bad run record: " + "; ".join(problems))
+
+
+def check_record(record: RunRecord | Mapping[str, Any]) -> None:
+    """Raise a ValueError listing every missing or mistyped field of ``record``."""
+    as_record(record)
 
 
 def _drop(config: dict, dotted: str) -> None:
@@ -108,34 +226,14 @@ def record_path(results_dir: str | os.PathLike, ablation: str, run_id: str) -> P
     return Path(results_dir) / ablation / f"{run_id}.json"
 
 
-def check_record(record: Mapping[str, Any]) -> None:
-    """Raise a ValueError listing every missing or mistyped field of ``record``."""
-    problems = []
-    for key, types in SCHEMA.items():
-        if key not in record:
-            problems.append(f"missing {key!r}")
-        elif isinstance(record[key], bool) or not isinstance(record[key], types):
-            names = "/".join("null" if t is _NONE else t.__name__ for t in types)
-            problems.append(f"{key!r} is {type(record[key]).__name__}, expected {names}")
-    status = record.get("status")
-    if isinstance(status, str):
-        if status == "done":
-            problems += [
-                f"{k!r} is null in a done run" for k in REQUIRED_WHEN_DONE if record.get(k) is None
-            ]
-        elif status == COST_ONLY:
-            problems += [
-                f"{k!r} is null in a cost-only record"
-                for k in REQUIRED_WHEN_COST_ONLY
-                if record.get(k) is None
-            ]
-        elif not status.startswith("failed: "):
-            problems.append(f"status {status!r} is none of 'done', 'cost-only', 'failed: <reason>'")
-    if problems:
-        raise ValueError("bad run record: " + "; ".join(problems))
+def failure_path(run_dir: str | os.PathLike) -> Path:
+    """Where the record of a run that failed for a reason outside the experiment goes:
+    beside its checkpoints (``<output_dir>/<ablation>/<run_id>/record.json``), never into
+    ``results/``."""
+    return Path(run_dir) / "record.json"
 
 
-def is_complete(record: Mapping[str, Any]) -> bool:
+def is_complete(record: RunRecord | Mapping[str, Any]) -> bool:
     """True for a ``done`` run that trained all its ``max_epochs`` (``None`` or a negative
     number: no epoch limit); a run cut short by ``trainer.max_time`` is not complete."""
     max_epochs = record.get("max_epochs")
@@ -144,12 +242,11 @@ def is_complete(record: Mapping[str, Any]) -> bool:
     )
 
 
-def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+def write_record(path: str | os.PathLike, record: RunRecord | Mapping[str, Any]) -> Path:
     """Check ``record`` and write it to ``path`` atomically; returns the path."""
-    check_record(record)
+    text = as_record(record).to_json()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -164,19 +261,18 @@ def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_record(path: str | os.PathLike) -> dict[str, Any]:
+def read_record(path: str | os.PathLike) -> RunRecord:
     """One record, checked; a ValueError naming the file if it is unreadable or invalid."""
     try:
         record = json.loads(Path(path).read_text())
         if not isinstance(record, dict):
             raise ValueError(f"top level is {type(record).__name__}, expected an object")
-        check_record(record)
+        return as_record(record)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err
-    return record
 
 
-def load_records(root: str | os.PathLike, strict: bool = False) -> list[dict[str, Any]]:
+def load_records(root: str | os.PathLike, strict: bool = False) -> list[RunRecord]:
     """Every record under ``root`` (``<ablation>/<run_id>.json``), sorted by path.
 
     A broken file (bad JSON, failed schema check) is skipped with a warning naming it, or

@@ -3,17 +3,20 @@
     python -m bench.sweep ABLATION --protocol P --seeds 0,1 [--launcher local|joblib|submitit]
                           [--jobs N] [--wandb-sweep FILE] [--dry-run] [OVERRIDE ...]
 
-An ablation is ``experiments/ablation/<name>.yaml`` (used as ``+ablation=<name>``): its
-sweep axes are under ``hydra.sweeper.params``, the table rows under ``variants``. Before
-anything trains, every run of the grid is composed and checked here (``validate_sweep``):
-an unknown ablation, protocol, axis key, block or block argument stops the sweep with an
-error naming it. Then the CLI runs exactly ``python -m bench.train -m +ablation=<name>
-protocol=<P> seed=<seeds> ...`` in a subprocess; a run whose record already says ``done``
-is skipped by ``bench.train`` itself, so running the same sweep again resumes it.
+An ablation is ``experiments/ablation/<name>.yaml`` (chosen as ``ablation=<name>``): its
+sweep axes are under ``hydra.sweeper.params``, the table rows under ``variants``; the
+protocol (``--protocol``, default train.yaml's ``cpu``) chooses the setting. Before
+anything trains, every run of the grid is composed and checked with ``bench.config`` (the
+same code ``bench.train`` uses): an unknown ablation, protocol, axis key, block or block
+argument, a protocol the ablation does not support, or a missing dataset stops the sweep
+with one line naming it. Then the CLI runs exactly ``python -m bench.train -m
+ablation=<name> protocol=<P> seed=<seeds> ...`` in a subprocess, so the runs (and run
+ids) are those of that plain multirun; a run whose record already says ``done`` is skipped
+by ``bench.train`` itself, so running the same sweep again resumes it.
 
-``SweepProgress`` is the Hydra callback (``hydra.callbacks.progress`` in every ablation
-file) that prints one line per run: ``[3/8] cbam_arrangement attention.order=parallel
-seed=0: done top1=...``.
+``SweepProgress`` is the Hydra callback (``hydra.callbacks.progress`` in train.yaml) that
+prints one line per run, ``[3/8] cbam_arrangement attention.order=parallel seed=0: done
+top1=...``, and a summary at the end (how many done, skipped, failed, and why).
 
 ``--wandb-sweep FILE`` writes a W&B sweep (grid over the same axes, ``bench.train`` as the
 program) instead of running, so agents on many machines can share one sweep:
@@ -23,34 +26,24 @@ program) instead of running, so agents on many machines can share one sweep:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import itertools
 import math
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from bench.records import (
-    is_complete,
-    read_record,
-    record_path,
-    run_id,
-)
-from bench.train import resolve, validate
+from bench.config import ConfigError, check, check_choice, compose, group_options, resolve
+from bench.data import check_data
+from bench.records import failure_path, is_complete, read_record, record_path, run_id
 from bench.variants import variants_of
-
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-ABLATIONS = EXPERIMENTS / "ablation"
 
 # Hydra overrides that pick a launcher; extra settings (partition, GPUs, time) go on the
 # command line, e.g. `hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1`.
@@ -64,65 +57,24 @@ LAUNCHERS = {
 }
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A sweep that cannot run as asked; the message names the bad key or value."""
 
 
 def ablation_names() -> list[str]:
     """Every ablation file in ``experiments/ablation``, sorted."""
-    return sorted(p.stem for p in ABLATIONS.glob("*.yaml"))
+    return group_options("ablation")
 
 
 def protocol_names() -> list[str]:
-    return sorted(p.stem for p in (EXPERIMENTS / "protocol").glob("*.yaml"))
+    return group_options("protocol")
 
 
-def protocol_group_choices(protocol: str) -> dict[str, str]:
-    """The groups a protocol file chooses itself (``override /data: cifar10_images`` in
-    its defaults). An ablation appended with ``+ablation=`` comes later in the defaults
-    list and would win over them, so a sweep passes them on the command line, where they
-    beat the ablation's defaults (``smoke`` then trains on its CIFAR-10 subset whatever
-    the ablation's dataset). Only the data group is passed: a protocol's optim and
-    schedule choices already apply, since ablations do not choose those."""
-    text = (EXPERIMENTS / "protocol" / f"{protocol}.yaml").read_text()
-    defaults = (yaml.safe_load(text) or {}).get("defaults") or []
-    choices = {}
-    for entry in defaults:
-        if isinstance(entry, dict):
-            for key, option in entry.items():
-                if key == "override /data":
-                    choices["data"] = option
-    return choices
-
-
-def _check_choice(what: str, name: str, choices: list[str]) -> None:
-    if name not in choices:
-        import difflib
-
-        close = difflib.get_close_matches(name, choices, n=2)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise SweepError(f"unknown {what} {name!r}.{hint} Available: {', '.join(choices)}")
-
-
-@contextlib.contextmanager
-def _hydra() -> Iterator[None]:
-    # compose() needs an initialised GlobalHydra; inside a running Hydra app (a callback)
-    # one already exists and must be restored afterwards.
-    previous = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-    GlobalHydra.instance().clear()
+def _compose_checked(overrides: list[str], origin: str, hydra_config: bool = False) -> DictConfig:
     try:
-        with initialize_config_dir(str(EXPERIMENTS), version_base=None):
-            yield
-    finally:
-        GlobalHydra.instance().clear()
-        if previous is not None:
-            GlobalHydra.instance().initialize(previous)
-
-
-def compose_run(overrides: Sequence[str], hydra_config: bool = False) -> DictConfig:
-    """The training config ``python -m bench.train <overrides>`` would run."""
-    with _hydra():
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
+        return compose(overrides, hydra_config=hydra_config)
+    except ConfigError as err:
+        raise SweepError(f"{err} (from {origin})") from err
 
 
 # --- the grid -----------------------------------------------------------------------------
@@ -189,18 +141,14 @@ def plan_sweep(
     ablation: str, protocol: str | None = None, overrides: Sequence[str] = ()
 ) -> tuple[list[str], list[Axis]]:
     """Fixed overrides and the swept axes of one ablation (not yet composed per run)."""
-    _check_choice("ablation", ablation, ablation_names())
-    if protocol is not None:
-        _check_choice("protocol", protocol, protocol_names())
+    try:
+        check_choice("ablation", ablation, ablation_names())
+        if protocol is not None:
+            check_choice("protocol", protocol, protocol_names())
+    except ConfigError as err:
+        raise SweepError(str(err)) from err
     command_axes = parse_axes(list(overrides), "the command line")
-    fixed = [f"+ablation={ablation}"]
-    if protocol:
-        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-        fixed += [f"protocol={protocol}"] + [
-            f"{group}={option}"
-            for group, option in protocol_group_choices(protocol).items()
-            if group not in given
-        ]
+    fixed = [f"ablation={ablation}"] + ([f"protocol={protocol}"] if protocol else [])
     # Single-valued overrides shape the config the sweep's own axes are read from.
     single = [f"{a.key}={a.values[0]}" for a in command_axes if len(a.values) == 1]
     base = _compose_checked(fixed + single, "the command line", hydra_config=True)
@@ -225,16 +173,6 @@ def plan_sweep(
 _MISSING = object()
 
 
-def _compose_checked(overrides: list[str], origin: str, hydra_config: bool = False) -> DictConfig:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        return compose_run(overrides, hydra_config=hydra_config)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise SweepError(f"cannot compose {' '.join(overrides)} (from {origin}): {err}") from err
-
-
 def expand_grid(
     ablation: str, protocol: str | None = None, overrides: Sequence[str] = ()
 ) -> list[PlannedRun]:
@@ -257,9 +195,8 @@ def check_run(run: PlannedRun) -> None:
     trainer and batch size; and that it is exactly one row of the ablation's table."""
 
     try:
-        config = resolve(run.config)
-        validate(config)
-    except Exception as err:  # each names its key (placements, optim, interpolations, ...)
+        config = check(run.config)
+    except ConfigError as err:
         raise SweepError(f"{run.name}: {err}") from err
     variants = variants_of(config)
     hits = [v.label for v in variants if v.matches(config)]
@@ -287,18 +224,37 @@ def validate_sweep(
     return runs
 
 
+def check_datasets(runs: Sequence[PlannedRun], download: bool = True) -> None:
+    """A SweepError naming the path (and the fix) if a dataset of the grid is missing; a
+    CIFAR copy that torchvision can fetch is downloaded here, once, before the runs."""
+    checked: set[str] = set()
+    for run in runs:
+        data = OmegaConf.to_container(run.config.data, resolve=True)
+        key = yaml.safe_dump(data)
+        if key in checked:
+            continue
+        try:
+            check_data(data, download=download)
+        except ValueError as err:
+            raise SweepError(f"{run.name}: data: {err}") from err
+        checked.add(key)
+
+
 # --- resume -------------------------------------------------------------------------------
 
 
 def record_of(config: DictConfig) -> Path:
     """Where ``bench.train`` writes the record of the run ``config`` describes."""
-
-    if "hydra" in config:  # a callback's config: the job's, plus Hydra's own node
-        config = copy.copy(config)
-        with open_dict(config):
-            del config["hydra"]
-    resolved = resolve(config)
+    resolved = resolve(config)  # leaves Hydra's own node (a callback's config) out
     return record_path(resolved["results_dir"], resolved["ablation"], run_id(resolved))
+
+
+def failure_record_of(config: DictConfig) -> Path:
+    """Where a run that failed outside the experiment keeps its record (beside its
+    checkpoints, ``bench.records.failure_path``)."""
+    resolved = resolve(config)
+    run_dir = Path(resolved["output_dir"]) / resolved["ablation"] / run_id(resolved)
+    return failure_path(run_dir)
 
 
 def completed_run(config: DictConfig) -> bool:
@@ -346,15 +302,17 @@ class SweepProgress(Callback):
             if (
                 o.split("=", 1)[0].lstrip("+~") in self.swept
                 if self.swept is not None
-                else not o.startswith("+ablation=")
+                else not o.startswith("ablation=")
             )
         ]
         name = f"{config.get('ablation', '')} {' '.join(shown)}".strip()
         if self.skipped:
             outcome = "skipped (record exists)"
         else:
-            path = _quietly(record_of, config, default=None)
-            outcome = describe_record(path) if path is not None else "failed: bad config"
+            outcome = _quietly(run_outcome, config, default="failed: bad config")
+            error = getattr(job_return, "_return_value", None)
+            if outcome == NO_RECORD and isinstance(error, BaseException):
+                outcome = "failed: " + " ".join(f"{type(error).__name__}: {error}".split())
         print(f"[{index}/{self.total or '?'}] {name}: {outcome}", flush=True)
 
 
@@ -366,25 +324,48 @@ def _quietly(function, config, default):
         return default
 
 
+NO_RECORD = "failed: no run record"
+
+
+def run_outcome(config: DictConfig) -> str:
+    """What became of the run ``config`` describes: its result record, or else the record
+    it left beside its checkpoints when the machine stopped it (``describe_record``)."""
+    path = record_of(config)
+    if not path.is_file() and failure_record_of(config).is_file():
+        path = failure_record_of(config)
+    return describe_record(path)
+
+
 def describe_record(path: Path) -> str:
     """``done top1=.. top5=..`` (saying so if the time guard cut the run short), the
     record's ``failed: ..`` status, or why there is none."""
 
     if not path.is_file():
-        return "failed: no run record"
+        return NO_RECORD
     try:
         record = read_record(path)
     except ValueError as err:
         return f"failed: {err}"
-    if record["status"] != "done":
-        return record["status"]
-    outcome = f"done top1={record['top1']:.2f} top5={record['top5']:.2f}"
+    if record.status != "done":
+        return record.status
+    outcome = f"done top1={record.top1:.2f} top5={record.top5:.2f}"
     if not is_complete(record):
         outcome += (
-            f" (cut short by the time guard after {record['epochs']} of"
-            f" {record['max_epochs']} epochs; raise trainer.max_time and run again to finish)"
+            f" (cut short by the time guard after {record.epochs} of"
+            f" {record.max_epochs} epochs; raise trainer.max_time and run again to finish)"
         )
     return outcome
+
+
+def summary(outcomes: Sequence[str], skipped: int) -> str:
+    """One line for the end of a sweep: how many runs did what, and why the failed failed."""
+    done = sum(o.startswith("done") for o in outcomes)
+    failed = Counter(o.removeprefix("failed: ") for o in outcomes if o.startswith("failed"))
+    line = f"{len(outcomes)} run(s): {done - skipped} trained, {skipped} skipped (done before)"
+    line += f", {sum(failed.values())} failed"
+    if failed:
+        line += " (" + "; ".join(f"{n}x {why}" for why, n in failed.most_common()) + ")"
+    return line
 
 
 # --- W&B sweep ----------------------------------------------------------------------------
@@ -452,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = validate_sweep(args.ablation, args.protocol, overrides)
         fixed, axes = plan_sweep(args.ablation, args.protocol, overrides)
+        if not args.wandb_sweep:  # agents elsewhere check their own data
+            check_datasets(runs, download=not args.dry_run)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -463,14 +446,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.wandb_sweep.write_text(yaml.safe_dump(spec, sort_keys=False))
         print(f"wrote {args.wandb_sweep}: wandb sweep {args.wandb_sweep}; then wandb agent <id>")
         return 0
+    done_before = [completed_run(run.config) for run in runs]
     if args.dry_run:
-        for run in runs:
-            state = "done, will be skipped" if completed_run(run.config) else "to run"
+        for run, done in zip(runs, done_before, strict=True):
+            state = "done, will be skipped" if done else "to run"
             print(f"[{run.index}/{run.total}] {run.name}: {state}")
         return 0
     command = train_command(fixed, axes, LAUNCHERS[args.launcher](args.jobs))
     print("+ " + " ".join(command[1:]), flush=True)
-    return subprocess.call(command)
+    code = subprocess.call(command)
+    outcomes = [run_outcome(run.config) for run in runs]
+    print(summary(outcomes, skipped=sum(done_before)), flush=True)
+    failed = any(o.startswith("failed") for o in outcomes)
+    return code or int(failed)
 
 
 if __name__ == "__main__":

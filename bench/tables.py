@@ -12,8 +12,10 @@ is part of every run's resolved config, and with it:
 
 - ``variants``: the table's rows, in order; each ``{label, ref, match}`` where ``match``
   maps dotted config paths to the values that pick the runs of that row, and ``ref`` is the
-  row key of the paper's table (``null`` where the paper has no such row);
-- ``paper``: ``{name, table}``, the file and table in ``results/reference``.
+  row key of the paper's table, keyed by setting (``bench.variants.paper_row``: a row
+  shows the paper's number only in the paper's setting);
+- ``paper``: ``{name, table, protocol, settings}``, the file and table in
+  ``results/reference`` and the settings its numbers are for.
 
 Runs of one ablation under different settings (protocol, data, backbone when it is not an
 axis) are never averaged together: each setting gets its own table, named after it
@@ -64,29 +66,19 @@ from bench.stats import (
     t_interval,
     verdict,
 )
-from bench.variants import Variant, config_value, same_value, variants_of
+from bench.variants import (
+    Variant,
+    config_value,
+    paper_row,
+    same_value,
+    setting_of,
+    variants_of,
+)
 
-# Config paths that name the setting a run was trained under, in the order they appear in
-# a table's file name. A path that is an axis of the ablation is left out of the name.
-SETTING_KEYS = ("protocol.name", "data.name", "model.name")
 IMAGENET_DATASETS = ("imagenet",)
 
 
 # --- reading records -------------------------------------------------------------------
-
-
-def setting_of(config: Mapping, variants: Sequence[Variant]) -> str:
-    """A file-name-safe name for what a run was trained under, e.g. ``cifar-cifar10``."""
-    axis_paths = {key for v in variants for key in v.match}
-    parts = []
-    for key in SETTING_KEYS:
-        if key in axis_paths or any(key.startswith(p + ".") for p in axis_paths):
-            continue
-        value = config_value(config, key)
-        if value is not None:
-            parts.append(str(value))
-    name = "-".join(parts) or "default"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 # --- aggregation ------------------------------------------------------------------------
@@ -129,6 +121,7 @@ class Row:
     best_top1: Stat = field(default_factory=Stat)
     best_top5: Stat = field(default_factory=Stat)
     paper: dict = field(default_factory=dict)
+    ref: str | None = None  # the paper's row in this table's setting
     datasets: set = field(default_factory=set)
     # Our runs' dataset where it is the paper's (so a delta means something), else None.
     dataset: str | None = None
@@ -291,7 +284,7 @@ def build_tables(records: Iterable[Mapping]) -> list[Table]:
         if status != "done" and not cost_only:
             continue
         config = record["config"]
-        setting = "cost" if cost_only else setting_of(config, variants_of(config))
+        setting = "cost" if cost_only else setting_of(config)
         groups[record["ablation"], setting, cost_only].append(record)
 
     tables = []
@@ -312,7 +305,8 @@ def build_tables(records: Iterable[Mapping]) -> list[Table]:
         for row in rows:
             ours = next(iter(row.datasets)) if len(row.datasets) == 1 else None
             row.dataset = ours if _comparable(ours, paper_dataset) else None
-            ref = row.variant.ref
+            # The paper's row in this table's setting (none outside the paper's settings).
+            row.ref = ref = paper_row(config, row.variant)
             if ref and ref in paper_rows:
                 row.paper = paper_numbers(paper_rows[ref], row.dataset or paper_dataset)
             elif ref and paper_rows:
@@ -474,7 +468,7 @@ def csv_values(table: Table, row: Row) -> list[str]:
     keeps every column in every table, empty where there is nothing to show."""
     paper = row.paper
     params = _params_m(row.params)
-    base = [row.variant.label, row.variant.ref or ""]
+    base = [row.variant.label, row.ref or ""]
     if table.cost_only:
         return base + [
             fmt(params, 4),

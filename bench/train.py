@@ -2,31 +2,33 @@
 
 One call is one run (or, with ``-m``, one Hydra multirun of runs):
 
-1. The config is composed and resolved; attention keys that the chosen placements do not
-   use are nulled (so they neither split run ids nor mislabel the dashboard).
-2. Everything is validated before any work: attention placements against the backbone,
-   optimizer and schedule, trainer limits, the global batch size against the world size,
-   and the dataset on disk (``dm.check()`` names the missing path).
+1. The config is composed, resolved and validated by ``bench.config`` (the one home of
+   those rules, shared with ``bench.sweep``): attention placements against the backbone,
+   the ablation's protocols, optimizer and schedule, trainer limits; then the global batch
+   size against the world size and the dataset on disk. Any of these fails before work
+   starts with one line (exit 2; ``verbose=true`` for the traceback).
 3. The run id (``bench.records.run_id``) names the run's directory,
    ``<output_dir>/<ablation>/<run_id>/``; if a ``last.ckpt`` is there the run resumes from
    it, and if the run record says it is complete (``done``, every epoch trained) the run is
    skipped (``skip_done``); one cut short by ``trainer.max_time`` resumes.
 4. Lightning trains with a CSV log, W&B (offline unless asked), ``ModelCheckpoint`` with
    ``last.ckpt`` after every epoch, and a check that stops on a non-finite loss.
-5. A run record is written at the end, ``done`` or ``failed: <reason>`` (the exception is
-   re-raised, so the exit code says it too).
+5. A run record (``bench.records.RunRecord``) is written at the end: ``done``, or
+   ``failed: <reason>`` (the exception is re-raised, so the exit code says it too). Only
+   results go to ``results_dir``: finished runs and diverged ones (a non-finite loss);
+   a run stopped by the machine (interrupt, out of memory, a dead worker) keeps its
+   record beside its checkpoints (``records.failure_path``).
 
 ``train(cfg)`` does all of this for a composed config, for tests and notebooks.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -38,85 +40,30 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torchmetrics
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+from bench.config import OWN_TRAINER_KEYS, ConfigError, check, dashboard_keys
 from bench.data import build_datamodule
-from bench.lit import LitClassifier, optimizer_spec
+from bench.lit import LitClassifier
 from bench.profile import profile
 from bench.records import (
-    SCHEMA_VERSION,
+    RunRecord,
+    failure_path,
     is_complete,
     read_record,
     record_path,
     run_id,
     write_record,
 )
-from bench.schedules import build_scheduler
-from modules import validate_placements
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-# The attention keys the dashboard groups and filters by (experiments/train.yaml).
-ATTENTION_KEYS = ("block", "stages", "position", "ratio", "pool", "order", "kernel", "gate")
-# Keys of the trainer group that are ours, not pytorch_lightning.Trainer arguments.
-OWN_TRAINER_KEYS = ("channels_last", "compile", "deterministic", "float32_matmul_precision")
-LOGGERS = ("wandb", "csv")
-
-
-# --- config ----------------------------------------------------------------------------
-
-
-def null_unused_attention_keys(cfg: DictConfig) -> DictConfig:
-    """A copy of ``cfg`` where every attention key (but ``block``) that no placement
-    interpolates is null: ``attention=none attention.ratio=8`` is the plain baseline."""
-    cfg = copy.deepcopy(cfg)
-    raw = json.dumps(OmegaConf.to_container(cfg.attention.placements, resolve=False))
-    for key in ATTENTION_KEYS[1:]:
-        if cfg.attention.get(key) is not None and f"${{attention.{key}}}" not in raw:
-            log.info("attention.%s is not used by these placements; set to null", key)
-            cfg.attention[key] = None
-    return cfg
-
-
-def resolve(cfg: DictConfig) -> dict[str, Any]:
-    """The composed config as a plain dict, interpolations resolved, unused keys nulled."""
-    cfg = null_unused_attention_keys(cfg)
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-
-
-def validate(config: Mapping[str, Any]) -> None:
-    """Raise a ValueError for a config that cannot train, before anything is built."""
-    validate_placements(config["attention"]["placements"], config["model"]["name"])
-    optimizer_spec(config["optim"])
-    epochs = config["trainer"]["max_epochs"]
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"trainer.max_epochs must be a positive integer, got {epochs!r}")
-    # The real scheduler needs the loader's length; a probe optimizer checks names and keys.
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    build_scheduler(probe, config["schedule"], steps_per_epoch=1000, max_epochs=epochs)
-    batch = config["protocol"]["batch_size"]
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"protocol.batch_size must be a positive integer, got {batch!r}")
-    if config["logger"]["name"] not in LOGGERS:
-        raise ValueError(f"logger.name={config['logger']['name']!r} is not one of {LOGGERS}")
-
-
-def dashboard_keys(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Flat keys for grouping and filtering runs (W&B config, CSV hparams)."""
-    keys = {key: config["attention"][key] for key in ATTENTION_KEYS}
-    keys.update(
-        backbone=config["model"]["name"],
-        dataset=config["data"]["name"],
-        optimizer=config["optim"]["name"],
-        schedule=config["schedule"]["name"],
-        protocol=config["protocol"]["name"],
-        seed=config["seed"],
-        ablation=config["ablation"],
-    )
-    return keys
 
 
 # --- callbacks -------------------------------------------------------------------------
@@ -272,6 +219,12 @@ def _failure(err: BaseException) -> str:
     return f"failed: {type(err).__name__}: {message}"[:500]
 
 
+def is_result(status: str) -> bool:
+    """Whether a run's outcome says something about the experiment: finished, or diverged
+    (a non-finite loss is the configuration's doing). Anything else is the machine's."""
+    return status == "done" or status.startswith("failed: FloatingPointError")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -292,18 +245,15 @@ def build_trainer(
     if deterministic == "auto":
         deterministic = not _uses_gpu(options["accelerator"])
     loggers: list = [CSVLogger(run_dir, name="csv")]
-    logger_cfg = config["logger"]
-    if logger_cfg["name"] == "wandb":
+    logger_cfg = {k: v for k, v in config["logger"].items() if k != "name"}
+    if logger_cfg.get("_target_"):  # logger/wandb.yaml; the run supplies who and where
         loggers.append(
-            WandbLogger(
+            instantiate(
+                logger_cfg,
                 name=config["run_name"],
                 save_dir=str(run_dir),
                 id=rid,
-                project=logger_cfg["project"],
-                entity=logger_cfg["entity"],
                 group=config["ablation"],
-                tags=list(logger_cfg["tags"]),
-                mode=logger_cfg["mode"],
                 job_type="train",
             )
         )
@@ -331,8 +281,7 @@ def build_trainer(
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run the training ``cfg`` describes (a composed experiments/train.yaml) and return
     its record. ``callbacks`` are added to the Trainer's (tests use this)."""
-    config = resolve(cfg)
-    validate(config)
+    config = check(cfg)
     rid = run_id(config)
     ablation = config["ablation"]
     run_dir = Path(config["output_dir"]) / ablation / rid
@@ -368,16 +317,19 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
     world = trainer.world_size
     batch = config["protocol"]["batch_size"]
     if batch % world:
-        raise ValueError(
+        raise ConfigError(
             f"protocol.batch_size={batch} (global) does not divide over {world} processes"
         )
-    datamodule = build_datamodule(
-        config["data"],
-        batch_size=batch // world,
-        num_workers=config["num_workers"],
-        seed=seed,
-    )
-    datamodule.check()
+    try:
+        datamodule = build_datamodule(
+            config["data"],
+            batch_size=batch // world,
+            num_workers=config["num_workers"],
+            seed=seed,
+        )
+        datamodule.check()
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data: {err}") from err
 
     module = LitClassifier(config, num_classes=datamodule.num_classes)
     size = datamodule.image_size
@@ -410,34 +362,33 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
         status = _failure(err)
         raise
     finally:
-        record = {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": rid,
-            "ablation": ablation,
-            "run_name": config["run_name"],
-            "status": status,
-            "config": config,
-            "params": costs.get("params"),
-            "gmacs": costs.get("gmacs"),
-            "profile": costs,
-            "attention": module.attention_summary.to_dicts(),
-            "top1": stats.top1,
-            "top5": stats.top5,
-            "best_top1": stats.best_top1,
-            "best_top5": stats.best_top5,
-            "epochs": stats.epochs,
-            "max_epochs": config["trainer"]["max_epochs"],
-            "throughput": stats.throughput(),
-            "wall_time_s": stats.wall_time(),
-            "device": _device(trainer),
-            "versions": _versions(),
-            "git_commit": _git_commit(),
-            "started_at": started,
-            "finished_at": _now(),
-        }
+        record = RunRecord.for_model(
+            config,
+            rid,
+            costs,
+            module.attention_summary,
+            status=status,
+            top1=stats.top1,
+            top5=stats.top5,
+            best_top1=stats.best_top1,
+            best_top5=stats.best_top5,
+            epochs=stats.epochs,
+            max_epochs=config["trainer"]["max_epochs"],
+            throughput=stats.throughput(),
+            wall_time_s=stats.wall_time(),
+            device=_device(trainer),
+            versions=_versions(),
+            git_commit=_git_commit(),
+            started_at=started,
+            finished_at=_now(),
+        )
         if trainer.is_global_zero:
-            write_record(path, record)
-            log.info("run record: %s (%s)", path, status)
+            # A run that did not finish for a reason outside the experiment (interrupted,
+            # out of memory, a worker that died) is no result: its record stays beside its
+            # checkpoints, where the sweep's progress line still finds it.
+            target = path if is_result(status) else failure_path(run_dir)
+            write_record(target, record)
+            log.info("run record: %s (%s)", target, status)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish(exit_code=0 if status == "done" else 1)
@@ -446,8 +397,19 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
 
 @hydra.main(version_base="1.3", config_path="../experiments", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the final top-1 (for sweepers that optimise it)."""
-    return train(cfg)["top1"]
+    """Hydra entry point; returns the final top-1 (for sweepers that optimise it).
+
+    A run that cannot start (a bad key or value, missing data) ends with one line on
+    stderr and exit status 2, as ``make sweep`` reports it; ``verbose=true`` shows the
+    traceback instead. In a multirun the error goes to Hydra, which records the job as
+    failed, and the sweep's progress line says why."""
+    try:
+        return train(cfg).top1
+    except ConfigError as err:
+        if cfg.get("verbose") or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

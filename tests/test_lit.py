@@ -1,25 +1,18 @@
 """The LightningModule built from the real composed config: parameter groups, optimizers,
 loss and metric keys."""
 
-from pathlib import Path
-
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.config import compose, resolve
 from bench.lit import LitClassifier, no_weight_decay_names, optimizer_spec, param_groups
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def config(*overrides: str) -> dict:
-    with initialize_config_dir(str(EXPERIMENTS), version_base="1.3"):
-        cfg = compose("train", overrides=["protocol=smoke", "data.root=unused", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return resolve(compose(["protocol=smoke", "data.root=unused", *overrides]))
 
 
 def srm_config(**optim) -> dict:
@@ -71,10 +64,13 @@ def test_configured_optimizers_and_groups():
 
 
 def test_unknown_optimizer_or_argument_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"optim.name='lion' is not one of sgd, adamw"):
-        optimizer_spec({"name": "lion", "lr": 0.1})
+    with pytest.raises(ValueError, match=r"optim._target_='torch.optim.Lion' is not an importable"):
+        optimizer_spec({"name": "lion", "_target_": "torch.optim.Lion", "lr": 0.1})
+    with pytest.raises(ValueError, match=r"optim._target_='torch.nn.Linear' is not a torch.optim"):
+        optimizer_spec({"name": "x", "_target_": "torch.nn.Linear", "lr": 0.1})
+    sgd = "torch.optim.SGD"
     with pytest.raises(ValueError, match=r"optim.betas is not an argument of SGD"):
-        optimizer_spec({"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]})
+        optimizer_spec({"name": "sgd", "_target_": sgd, "lr": 0.1, "betas": [0.9, 0.99]})
 
 
 def test_loss_channels_last_and_metric_keys():

@@ -1,13 +1,11 @@
 """Run records: schema, atomic writes, loading a tree with broken files, run ids."""
 
 import json
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from bench import records
+from bench.config import compose, resolve
 from bench.records import (
     check_record,
     is_complete,
@@ -17,8 +15,6 @@ from bench.records import (
     run_id,
     write_record,
 )
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def make_record(**changes) -> dict:
@@ -68,10 +64,10 @@ def test_schema_accepts_done_and_failed_records():
     [
         ({"top1": None}, "'top1' is null in a done run"),
         ({"status": "finished"}, "none of 'done', 'cost-only', 'failed: <reason>'"),
-        ({"epochs": "7"}, "'epochs' is str, expected int"),
+        ({"epochs": "7"}, "'epochs' is str: Input should be a valid integer"),
         ({"params": True}, "'params' is bool"),
         ({"status": "cost-only", "gmacs": None}, "'gmacs' is null in a cost-only record"),
-        ({"config": None}, "'config' is NoneType, expected dict"),
+        ({"config": None}, "'config' is NoneType: Input should be a valid dictionary"),
     ],
 )
 def test_schema_names_the_bad_field(changes, message):
@@ -98,7 +94,7 @@ def test_record_path_layout(tmp_path):
 
 def test_write_then_read_round_trip(tmp_path):
     path = write_record(tmp_path / "a" / "x.json", make_record())
-    assert read_record(path) == make_record()
+    assert read_record(path) == records.as_record(make_record())
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
 
 
@@ -153,9 +149,7 @@ def test_load_records_skips_broken_files_with_a_warning(tmp_path):
 
 
 def composed(*overrides: str) -> dict:
-    with initialize_config_dir(str(EXPERIMENTS), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return resolve(compose(list(overrides)))
 
 
 def test_run_id_is_stable_and_tracks_what_is_trained():
@@ -170,7 +164,7 @@ def test_run_id_is_stable_and_tracks_what_is_trained():
         "optim.lr=0.05",
         "attention=cbam",
         "trainer.max_epochs=3",
-        "+ablation=cbam_arrangement",
+        "ablation=cbam_arrangement",
     ):
         assert run_id(composed("attention=se", change)) != run_id(base), change
 
@@ -187,8 +181,23 @@ def test_run_id_ignores_outputs_logging_and_loader_workers():
         "data.root=/mnt/data/cifar10",
         "trainer.enable_progress_bar=false",
         "trainer.max_time=00:00:45:00",
+        "verbose=true",
     ):
         assert run_id(composed("attention=se", change)) == base, change
+
+
+def test_run_id_ignores_how_an_ablation_reports_its_runs():
+    # Rows, source, paper, baseline and unsupported protocols are table metadata: editing
+    # them must not orphan the runs already done.
+    base = run_id(composed("ablation=se_reduction", "attention.ratio=8"))
+    for change in (
+        "source=elsewhere",
+        "paper.table=other",
+        "variants=[]",
+        "baseline=r8",
+        "++unsupported.cifar=slow",
+    ):
+        assert run_id(composed("ablation=se_reduction", "attention.ratio=8", change)) == base
 
 
 def test_a_run_cut_short_by_the_time_guard_is_not_complete():

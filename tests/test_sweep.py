@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,27 +16,43 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+import bench.config
 import modules
 from bench import sweep
+from bench.config import EXPERIMENTS, check, compose, group_options, resolve
 from bench.reference import MissingReference, reference_table
 from bench.variants import variants_of
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _refs(variants) -> list[str]:
+    """Every paper row the variants name, in any setting (a ref is a row or a mapping)."""
+    out = []
+    for variant in variants:
+        refs = variant.ref.values() if isinstance(variant.ref, dict) else [variant.ref]
+        out += [r for r in refs if r is not None]
+    return out
+
+
 @pytest.mark.parametrize("ablation", sweep.ablation_names())
 def test_every_ablation_composes_validates_and_points_at_the_paper(ablation):
-    runs = sweep.validate_sweep(ablation)
+    config = compose([f"ablation={ablation}"])
+    runs = sweep.validate_sweep(ablation, config.paper.protocol)
     assert len(runs) >= 2
     config = runs[0].config
-    assert config.ablation == ablation
-    raw = yaml.safe_load((sweep.ABLATIONS / f"{ablation}.yaml").read_text())
-    assert raw["hydra"]["callbacks"]["progress"]["_target_"] == "bench.sweep.SweepProgress"
-    assert config.source and raw["ablation"] == ablation
+    assert config.ablation == ablation and config.source
+    raw = yaml.safe_load((EXPERIMENTS / "ablation" / f"{ablation}.yaml").read_text())
+    assert raw["ablation"] == ablation
+    # An ablation picks its axes, never the setting, nor the progress callback (train.yaml's).
+    assert not [d for d in raw.get("defaults", []) if "protocol" in str(d) or "data" in str(d)]
+    assert "callbacks" not in raw["hydra"]
     # Every grid point is a distinct run (else two would share one record).
     resolved = [json.dumps(OmegaConf.to_container(r.config, resolve=True)) for r in runs]
     assert len(set(resolved)) == len(runs)
-    refs = [v.ref for v in variants_of({"variants": OmegaConf.to_container(config.variants)})]
+    if config.get("baseline") is not None:
+        assert config.baseline in [v.label for v in variants_of(resolve(config))]
+    refs = _refs(variants_of(resolve(config)))
     # Rows the reference files do not hold yet (reported, not hidden).
     known_gaps = {("se_integration", "se_identity"), *(("se_cifar", r) for r in refs)}
     try:
@@ -43,16 +60,49 @@ def test_every_ablation_composes_validates_and_points_at_the_paper(ablation):
     except MissingReference:
         assert ablation == "se_cifar"
         rows = {}
-    missing = [r for r in refs if r is not None and r not in rows]
+    missing = [r for r in refs if r not in rows]
     assert [r for r in missing if (ablation, r) not in known_gaps] == []
 
 
-def test_block_zoo_covers_every_registered_block():
+# What each protocol trains on: (backbone, dataset name, image format).
+SETTINGS = {
+    "smoke": ("resnet20_cifar", "cifar10"),
+    "cpu": ("resnet20_cifar", "cifar10"),
+    "cifar": ("resnet56_cifar", "cifar10"),
+    "imagenet": ("resnet50", "imagenet"),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(SETTINGS))
+def test_every_ablation_composes_with_every_protocol(protocol):
+    """The protocol chooses the setting (the backbone too, unless it is the ablation's own
+    axis); a protocol an ablation cannot run in fails up front, in one line saying why."""
+    assert sorted(SETTINGS) == sweep.protocol_names()
+    model, dataset = SETTINGS[protocol]
+    for ablation in sweep.ablation_names():
+        unsupported = compose([f"ablation={ablation}"]).get("unsupported") or {}
+        if protocol in unsupported:
+            with pytest.raises(sweep.SweepError) as err:
+                sweep.validate_sweep(ablation, protocol, ["seed=0"])
+            message = str(err.value)
+            assert "\n" not in message and unsupported[protocol] in message
+            assert f"cannot run with protocol={protocol}" in message
+            assert "Supported protocols: " in message
+            continue
+        fixed, axes = sweep.plan_sweep(ablation, protocol, ["seed=0"])
+        first = fixed + [f"{a.key}={a.values[0]}" for a in axes]
+        config = check(compose(first))
+        assert config["protocol"]["name"] == protocol, ablation
+        assert config["data"]["name"] == dataset, ablation
+        if not any(a.path == "model" for a in axes):
+            assert config["model"]["name"] == model, ablation
+
+
+def test_every_registered_block_has_an_attention_file_and_is_in_the_zoo():
+    assert group_options("attention") == sorted(["none", *modules.available()])
     _, axes = sweep.plan_sweep("block_zoo")
-    (axis,) = [a for a in axes if a.path == "attention.block"]
+    (axis,) = [a for a in axes if a.path == "attention"]
     assert sorted(v for v in axis.values if v != "none") == modules.available()
-    zoo = yaml.safe_load((sweep.ABLATIONS / "block_zoo.yaml").read_text())["zoo"]
-    assert sorted(zoo) == sorted(["none", *modules.available()])
 
 
 def test_axes_are_swept_from_yaml_alone():
@@ -75,16 +125,15 @@ def test_axes_are_swept_from_yaml_alone():
 def test_command_line_axis_replaces_the_files():
     runs = sweep.validate_sweep("cbam_arrangement", "smoke", ["attention.order=parallel", "seed=3"])
     assert [(r.config.attention.order, r.config.seed) for r in runs] == [("parallel", 3)]
-    assert runs[0].config.protocol.name == "smoke"  # the command line beats the file's default
+    assert runs[0].config.protocol.name == "smoke"
 
 
 @pytest.fixture
 def experiments(tmp_path, monkeypatch):
     """A copy of experiments/ where tests may add broken ablation files."""
     copy = tmp_path / "experiments"
-    shutil.copytree(sweep.EXPERIMENTS, copy)
-    monkeypatch.setattr(sweep, "EXPERIMENTS", copy)
-    monkeypatch.setattr(sweep, "ABLATIONS", copy / "ablation")
+    shutil.copytree(EXPERIMENTS, copy)
+    monkeypatch.setattr(bench.config, "EXPERIMENTS", copy)
     calls = []
     monkeypatch.setattr(sweep.subprocess, "call", lambda *a, **k: calls.append(a) or 0)
     return copy, calls
@@ -137,7 +186,7 @@ def test_unknown_protocol_and_ablation_are_named(experiments, capsys):
     assert calls == []
 
 
-def test_cli_runs_one_hydra_multirun_with_the_launcher(experiments):
+def test_cli_runs_one_hydra_multirun_with_the_launcher(experiments, capsys):
     _, calls = experiments
     argv = [
         "se_squeeze",
@@ -151,9 +200,13 @@ def test_cli_runs_one_hydra_multirun_with_the_launcher(experiments):
         "3",
         "model=resnet18",
     ]
-    assert sweep.main(argv) == 0
+    # The launch is faked, so no run leaves a record: the summary says so, and fails.
+    assert sweep.main(argv) == 1
+    assert "4 run(s): 0 trained, 0 skipped (done before), 4 failed (4x no run record)" in (
+        capsys.readouterr().out
+    )
     ((command,),) = calls
-    assert command[1:5] == ["-m", "bench.train", "-m", "+ablation=se_squeeze"]
+    assert command[1:5] == ["-m", "bench.train", "-m", "ablation=se_squeeze"]
     assert {
         "protocol=smoke",
         "seed=0,1",
@@ -173,7 +226,7 @@ def test_wandb_sweep_file(experiments, tmp_path):
     assert spec["parameters"]["attention.gate"]["values"] == ["relu", "tanh", "sigmoid"]
     assert spec["parameters"]["seed"]["values"] == ["0", "1"]
     assert spec["command"][-1] == "${args_no_hyphens}"
-    assert "+ablation=se_excitation" in spec["command"]
+    assert "ablation=se_excitation" in spec["command"]
 
 
 def test_progress_line_and_resume_check(tmp_path, capsys):
@@ -188,7 +241,7 @@ def test_progress_line_and_resume_check(tmp_path, capsys):
     record = make_record("parallel", 0, 71.234, 90.0)
     write_record(path, record)
     assert sweep.completed_run(run.config)
-    config = sweep.compose_run(run.overrides, hydra_config=True)
+    config = compose(run.overrides, hydra_config=True)
     OmegaConf.set_struct(config, False)
     config.hydra.job.num = 2
     config.hydra.overrides.task = ["attention.order=parallel", "seed=0"]
@@ -288,16 +341,43 @@ def test_sweep_survives_sigkill_and_resumes(tmp_path):
     assert second.stdout.count("skipped (record exists)") == len(done_before)
 
 
-def test_smoke_protocol_trains_on_its_cifar_subset_whatever_the_ablation_names():
-    # cbam_arrangement defaults to ImageNet; the smoke protocol's data choice must win
-    # (make sweep ABLATION=cbam_arrangement PROTOCOL=smoke runs on any machine), but a
-    # data= given on the command line wins over both.
+def test_the_protocol_chooses_the_data_and_the_command_line_beats_it():
     runs = sweep.validate_sweep("cbam_arrangement", "smoke")
     assert {run.config.data.format for run in runs} == {"imagefolder"}
     assert {run.config.data.name for run in runs} == {"cifar10"}
-    assert sweep.validate_sweep("cbam_arrangement", "cpu")[0].config.data.name == "imagenet"
+    assert sweep.validate_sweep("cbam_arrangement", "cpu")[0].config.data.name == "cifar10"
+    assert sweep.validate_sweep("cbam_arrangement", "imagenet")[0].config.data.name == "imagenet"
     given = sweep.validate_sweep("cbam_arrangement", "smoke", ["data=imagenet"])
     assert given[0].config.data.name == "imagenet"
+
+
+@pytest.mark.slow
+def test_make_sweep_and_a_plain_hydra_multirun_are_the_same_runs(tmp_path):
+    """`bench.sweep X --protocol P` plans the runs (and run ids) that `bench.train -m
+    ablation=X protocol=P` runs: with a done record at every planned path, the plain
+    multirun finds each one and trains nothing."""
+    from bench.records import write_record
+    from tests.test_tables import make_record
+
+    overrides = [f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}"]
+    runs = sweep.validate_sweep("cbam_arrangement", "smoke", ["seed=0,1", *overrides])
+    assert len(runs) == 6
+    for run in runs:
+        write_record(sweep.record_of(run.config), make_record("x", run.config.seed, 50.0, 90.0))
+    command = [sys.executable, "-m", "bench.train", "-m", "ablation=cbam_arrangement"]
+    command += ["protocol=smoke", "seed=0,1", "logger=csv", *overrides]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if re.match(r"\[\d/6\] ", line)]
+    assert len(lines) == 6 and all("skipped (record exists)" in line for line in lines), lines
+
+
+def test_unsupported_protocol_stops_the_cli_in_one_line(experiments, capsys):
+    _, calls = experiments
+    assert sweep.main(["se_cifar", "--protocol", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot run with protocol=cpu" in err
+    assert calls == []
 
 
 def test_dry_run_lists_which_runs_are_done(experiments, tmp_path, capsys):
@@ -317,3 +397,12 @@ def test_dry_run_lists_which_runs_are_done(experiments, tmp_path, capsys):
         line for line in lines if "attention.order=parallel" in line
     ]
     assert all(line.endswith(("to run", "done, will be skipped")) for line in lines)
+
+
+def test_missing_data_stops_the_sweep_before_any_run(experiments, tmp_path, capsys):
+    _, calls = experiments
+    missing = tmp_path / "no-imagenet"
+    assert sweep.main(["se_reduction", "--protocol", "imagenet", f"data.root={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing / "train") in err
+    assert calls == []
