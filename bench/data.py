@@ -14,6 +14,8 @@ Hydra `data` node) with these keys:
     subset, val_subset       null | fraction in (0, 1] of each class | {per_class: N}
     cache       imagefolder + cifar recipe: decode once into a uint8 array on disk
                 (default true there; torchvision CIFAR is uint8 in memory anyway)
+    resident    uint8 pipelines only: hold the whole split as one tensor on the model's
+                device and draw batches by index there (`ResidentLoader`; default false)
     download    torchvision format only: fetch the archive (default false)
     mean, std   per-channel normalisation; default: the dataset's own, else the recipe's
 
@@ -25,6 +27,9 @@ Two pipelines:
   Pass the datamodule to `Trainer.fit(datamodule=...)` so Lightning calls that hook; a
   LightningModule must not override it. Without a trainer the hook normalises only.
   These loaders run in the main process whatever `num_workers` says (see `_loader`).
+  With `resident: true` there is no DataLoader at all: the split is one uint8 tensor on
+  the model's device (CPU or CUDA) and each batch is one index into it
+  (`ResidentLoader`), the same batches in the same order under the same seed.
 - PIL images (imagenet recipe, or `cache: false`): torchvision transforms in
   `num_workers` worker processes, which start under any launcher (`worker_context`).
 
@@ -108,6 +113,7 @@ CONFIG_KEYS = (
     "subset",
     "val_subset",
     "cache",
+    "resident",
     "download",
     "mean",
     "std",
@@ -459,6 +465,75 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return images.float().div_(255).sub_(mean_t).div_(std_t)
 
 
+class ResidentLoader:
+    """Batches of a uint8 split held as two tensors on one device (images (N, C, H, W),
+    labels (N,)): each batch is one index into them, with no DataLoader, worker, collate
+    or host-to-device copy. Lightning takes it as a train or val loader (it has a length
+    and a fresh iterator per epoch) and still calls the datamodule's
+    `on_after_batch_transfer`, which augments the batch where it already is.
+
+    Seeding: at its first batch it draws from the global torch RNG exactly what a
+    `DataLoader` over an `ArrayDataset` without workers draws when Lightning starts
+    iterating it: one int64 (the loader iterator's base seed) and, with `shuffle`, one
+    int64 that seeds the permutation (`RandomSampler`). So after the same seed
+    (`bench.train.EpochSeed`) it yields the same batches in the same order as that
+    loader, and the augmentation after it draws the same numbers: runs stay comparable
+    with the DataLoader path. The permutation is drawn on the CPU whatever the device.
+    With several processes (`rank`, `world_size`), each takes every world-th index of the
+    permutation, cut to a multiple of the world size so that every rank has as many
+    batches (Lightning's DistributedSampler pads instead, so DDP batches differ from the
+    DataLoader path's).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError("ResidentLoader takes uint8 (N, C, H, W) images and N labels")
+        if labels.device != images.device:
+            raise ValueError(f"images on {images.device}, labels on {labels.device}")
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+
+    def _samples(self) -> int:
+        n = len(self.labels)
+        return n // self.world_size if self.world_size > 1 else n
+
+    def __len__(self) -> int:
+        n = self._samples()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        # Nothing is drawn until the first batch: Lightning calls iter() once just to check
+        # that a loader which is not a DataLoader is iterable.
+        return self._batches()
+
+    def _batches(self):
+        n = len(self.labels)
+        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed
+        if self.shuffle:  # RandomSampler's seed and permutation
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            order = order[: self._samples() * self.world_size][self.rank :: self.world_size]
+        order = order.to(self.images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Train/val loaders for one dataset; see the module docstring for the keys."""
 
@@ -481,12 +556,15 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: int,
         num_workers: int,
         seed: int,
+        resident: bool = False,
     ):
         super().__init__()
         self.name, self.format, self.root, self.recipe = name, format, root, recipe
         self.splits = {"train": train_split, "val": val_split}
         self.subsets = {"train": subset, "val": val_subset}
         self.num_classes, self.cache, self.download = num_classes, cache, download
+        self.resident = resident
+        self._resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.image_size: int = RECIPES[recipe]["image_size"]
@@ -651,9 +729,33 @@ class ImageDataModule(pl.LightningDataModule):
             head = []
         return T.Compose([*head, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    def _loader(self, split: str) -> DataLoader:
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _resident_loader(self, split: str) -> ResidentLoader:
+        """The split as tensors on the model's device, built once per device."""
+        dataset, device = self.datasets[split], self._device()
+        tensors = self._resident.get(split)
+        if tensors is None or tensors[0].device != device:
+            images = torch.from_numpy(np.array(dataset.images))  # a RAM copy of the cache
+            tensors = (images.to(device), torch.from_numpy(dataset.labels).long().to(device))
+            self._resident[split] = tensors
+        trainer, train = self.trainer, split == "train"
+        return ResidentLoader(
+            *tensors,
+            self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+
+    def _loader(self, split: str) -> DataLoader | ResidentLoader:
         dataset, train = self.datasets[split], split == "train"
         array = isinstance(dataset, ArrayDataset)
+        if self.resident and array:
+            return self._resident_loader(split)
         # A uint8 batch is one gather from a (memory-mapped) array; cropping, flipping and
         # normalising happen on the device. Worker processes only add a copy through
         # shared memory and compete with training for the cores. Measured on the 2-core
@@ -674,10 +776,10 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=_whole_batch if array else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ResidentLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | ResidentLoader:
         return self._loader("val")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -733,6 +835,14 @@ def build_datamodule(
         )
     if cfg.get("download") and fmt != "torchvision":
         raise ValueError("data.download=true works for format torchvision only")
+    resident = cfg.get("resident") or False
+    if not isinstance(resident, bool):
+        raise ValueError(f"data.resident must be true or false, got {resident!r}")
+    if resident and not (fmt == "torchvision" or cache):
+        raise ValueError(
+            "data.resident=true needs the uint8 pipeline: format torchvision, or "
+            "data.cache=true (recipe cifar)"
+        )
 
     stats = {}
     for key in ("mean", "std"):
@@ -760,6 +870,7 @@ def build_datamodule(
         batch_size=batch_size,
         num_workers=num_workers,
         seed=seed,
+        resident=resident,
     )
 
 

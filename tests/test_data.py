@@ -544,3 +544,89 @@ def test_a_few_batches_of_the_offline_cifar10(monkeypatch):
     # Real photographs: per-channel means near CIFAR-10's, within a loose band for 10 images.
     means = np.asarray(val.images).reshape(10, 3, -1).mean(axis=(0, 2)) / 255
     assert np.all(np.abs(means - np.asarray(data.CIFAR10_MEAN)) < 0.15)
+
+
+# --- the device-resident path ------------------------------------------------------------
+
+
+def fit_batches(root, resident: bool, seed: int, epochs: int = 2, sanity: int = 1) -> dict:
+    """What Lightning hands the steps over `epochs` epochs (with a sanity check and
+    EpochSeed's reseeding, as bench.train runs it), on the DataLoader or resident path."""
+    from bench.train import EpochSeed
+
+    cfg = folder_cfg(root, val_subset={"per_class": 2}, resident=resident)
+    dm = build_datamodule(cfg, batch_size=4, num_workers=0)
+    model = Recorder()
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=sanity,
+        callbacks=[EpochSeed(seed)],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert isinstance(dm.train_dataloader(), data.ResidentLoader) == resident
+    return model.seen
+
+
+def test_resident_path_gives_the_dataloader_paths_batches_under_the_same_seed(tree):
+    root, _ = tree
+    want = fit_batches(root, resident=False, seed=3)
+    got = fit_batches(root, resident=True, seed=3)
+    # 18 images, batch 4, drop_last: 4 batches per epoch, 2 epochs; augmented identically.
+    assert len(got["train"]) == len(want["train"]) == 8
+    for split in ("train", "val"):
+        assert len(got[split]) == len(want[split])
+        for a, b in zip(got[split], want[split], strict=True):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(got["train"][0], got["train"][4])  # epochs differ
+    other = fit_batches(root, resident=True, seed=4)
+    assert not torch.equal(other["train"][0], got["train"][0])  # the seed matters
+
+
+def test_resident_loader_shapes_labels_and_order(tree):
+    root, _ = tree
+    cfg = folder_cfg(root, cache=True, resident=True)
+    dm = build_datamodule(cfg, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert (len(train), len(val)) == (4, 5)  # 18 train (drop_last), 18 val (last has 2)
+    plain = build_datamodule(folder_cfg(root, cache=True), batch_size=4, num_workers=0)
+    plain.setup("fit")
+    for got, want in zip(val, plain.val_dataloader(), strict=True):  # sequential: equal
+        assert got[0].dtype == torch.uint8 and got[1].dtype == torch.int64
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.manual_seed(0)
+    first = [(x.clone(), y.clone()) for x, y in train]
+    torch.manual_seed(0)
+    again = list(train)
+    assert all(x.shape == (4, 3, 32, 32) for x, _ in first)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    labels = torch.cat([y for _, y in first])
+    assert len(set(labels.tolist())) == 3 and len(labels) == 16
+    # Two ranks split one permutation: disjoint halves, equal batch counts.
+    images, labels = dm._resident["train"]
+    ranks = [
+        data.ResidentLoader(images, labels, 4, shuffle=True, drop_last=True, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
+    seen = []
+    for loader in ranks:
+        torch.manual_seed(1)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 2
+        seen.append({tuple(x.flatten()[:64].tolist()) for b, _ in batches for x in b})
+    assert not seen[0] & seen[1]
+
+
+def test_resident_needs_the_uint8_pipeline(tree):
+    root, _ = tree
+    with pytest.raises(ValueError, match="data.resident=true needs the uint8 pipeline"):
+        build_datamodule(folder_cfg(root, cache=False, resident=True), batch_size=4)
+    with pytest.raises(ValueError, match="data.resident must be true or false"):
+        build_datamodule(folder_cfg(root, resident="yes"), batch_size=4)
