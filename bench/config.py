@@ -39,12 +39,20 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bench.hardware import HardwareError, resolve_trainer
 from bench.schedules import build_scheduler
 from modules import validate_placements
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 # Keys of the trainer group that are ours, not pytorch_lightning.Trainer arguments.
-OWN_TRAINER_KEYS = ("channels_last", "compile", "deterministic", "float32_matmul_precision")
+OWN_TRAINER_KEYS = (
+    "channels_last",
+    "compile",
+    "deterministic",
+    "float32_matmul_precision",
+    "keep_checkpoints",
+)
+KEEP_CHECKPOINTS = ("final", "all", "none")  # what a finished run keeps (bench.train)
 
 
 class ConfigError(ValueError):
@@ -129,7 +137,9 @@ def unused_attention_keys(cfg: DictConfig) -> list[str]:
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The composed config as a plain dict, interpolations resolved, and every attention
     key that no placement uses dropped (so ``attention=none ++attention.ratio=8`` is the
-    plain baseline: one run id, one dashboard group). ``hydra`` is left out."""
+    plain baseline: one run id, one dashboard group); ``trainer.precision`` and
+    ``trainer.compile`` ``auto`` replaced by what this machine runs
+    (``bench.hardware.resolve_trainer``). ``hydra`` is left out."""
     cfg = copy.deepcopy(cfg)
     with contextlib.suppress(OmegaConfBaseException):
         OmegaConf.set_struct(cfg, False)
@@ -137,9 +147,15 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     for key in unused_attention_keys(cfg):
         cfg.attention.pop(key)
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise ConfigError(" ".join(str(err).split())) from err
+    # ``auto`` precision and compile become what this machine runs (bench.hardware), so
+    # the run id and the record name them.
+    try:
+        return resolve_trainer(config)
+    except HardwareError as err:
+        raise ConfigError(str(err)) from err
 
 
 # --- validating ------------------------------------------------------------------------
@@ -197,6 +213,11 @@ def validate(config: Mapping[str, Any]) -> None:
     epochs = config["trainer"]["max_epochs"]
     _positive_int("trainer.max_epochs", epochs)
     _positive_int("protocol.batch_size", config["protocol"]["batch_size"])
+    keep = config["trainer"].get("keep_checkpoints")
+    if keep not in KEEP_CHECKPOINTS:
+        raise ConfigError(
+            f"trainer.keep_checkpoints={keep!r} is not one of {', '.join(KEEP_CHECKPOINTS)}"
+        )
     # The real scheduler needs the loader's length; a probe optimizer checks names and keys.
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:

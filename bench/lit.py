@@ -80,6 +80,9 @@ class LitClassifier(pl.LightningModule):
             config["model"], config["attention"]["placements"], num_classes
         )
         self._compiled = False
+        # FLOPs of one training step on this device, for Lightning's ThroughputMonitor
+        # (bench.train sets it from bench.profile's count); None: no FLOPs metrics.
+        self.flops_per_batch: int | None = None
         self.channels_last = bool(config["trainer"].get("channels_last", False))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -55,6 +55,8 @@ RUN_IRRELEVANT_KEYS = (
     "data.download",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
+    # What a finished run leaves on disk (its final weights, its checkpoints or nothing).
+    "trainer.keep_checkpoints",
     # A guard, not a hyperparameter: a run that finishes all epochs is the same run under
     # any guard, and one the guard cut short is told apart by ``is_complete``. Keeping it
     # out of the id lets a slower machine raise it and resume the cut run.

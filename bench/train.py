@@ -12,7 +12,10 @@ One call is one run (or, with ``-m``, one Hydra multirun of runs):
    it, and if the run record says it is complete (``done``, every epoch trained) the run is
    skipped (``skip_done``); one cut short by ``trainer.max_time`` resumes.
 4. Lightning trains with a CSV log, W&B (offline unless asked), ``ModelCheckpoint`` with
-   ``last.ckpt`` after every epoch, and a check that stops on a non-finite loss.
+   ``last.ckpt`` after every epoch, a check that stops on a non-finite loss, and
+   Lightning's ``ThroughputMonitor`` (img/s; model FLOPs utilisation on GPUs). A run that
+   trained every epoch then keeps its final weights only (``<run dir>/final.pt``,
+   ``trainer.keep_checkpoints``).
 5. A run record (``bench.records.RunRecord``) is written at the end: ``done``, or
    ``failed: <reason>`` (the exception is re-raised, so the exit code says it too). Only
    results go to ``results_dir``: finished runs and diverged ones (a non-finite loss);
@@ -25,8 +28,10 @@ One call is one run (or, with ``-m``, one Hydra multirun of runs):
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +54,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from bench.config import OWN_TRAINER_KEYS, ConfigError, check, dashboard_keys
 from bench.data import build_datamodule
+from bench.hardware import throughput_monitor, training_flops
 from bench.lit import LitClassifier
 from bench.profile import profile
 from bench.records import (
@@ -278,6 +284,25 @@ def build_trainer(
     )
 
 
+def keep_final_weights(run_dir: Path, model: torch.nn.Module, keep: str) -> None:
+    """What a finished run (every epoch trained) keeps, by ``trainer.keep_checkpoints``:
+    ``final``: its weights alone in ``<run dir>/final.pt`` (a plain ``state_dict`` of the
+    backbone with its attention, which ``bench.analysis.load_weights`` reads), its
+    checkpoints (weights and optimizer state: 200 MB for a ResNet-50) deleted; ``all``:
+    ``final.pt`` and the last checkpoint; ``none``: nothing (smoke runs). An unfinished run
+    keeps its one resumable checkpoint whatever this says."""
+    final = run_dir / "final.pt"
+    if keep in ("final", "all"):
+        weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        partial = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        torch.save(weights, partial)
+        os.replace(partial, final)
+    else:
+        final.unlink(missing_ok=True)
+    if keep != "all":
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run the training ``cfg`` describes (a composed experiments/train.yaml) and return
     its record. ``callbacks`` are added to the Trainer's (tests use this)."""
@@ -311,7 +336,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
         config,
         run_dir,
         rid,
-        [stats, EpochSeed(seed), StopOnNonFiniteLoss(), *callbacks],
+        [stats, EpochSeed(seed), StopOnNonFiniteLoss(), throughput_monitor(), *callbacks],
         resuming=last.exists(),
     )
     world = trainer.world_size
@@ -334,6 +359,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
     module = LitClassifier(config, num_classes=datamodule.num_classes)
     size = datamodule.image_size
     costs = profile(module.model, input_size=(3, size, size)) if trainer.is_global_zero else {}
+    # For the ThroughputMonitor's model FLOPs utilisation (rank zero logs it).
+    module.flops_per_batch = training_flops(costs.get("gmacs"), batch // world)
     if trainer.is_global_zero:
         log.info("run %s in %s\n%s", rid, run_dir, module.attention_summary.table())
         log.info(
@@ -389,6 +416,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
             target = path if is_result(status) else failure_path(run_dir)
             write_record(target, record)
             log.info("run record: %s (%s)", target, status)
+            if is_complete(record):
+                keep_final_weights(run_dir, module.model, config["trainer"]["keep_checkpoints"])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish(exit_code=0 if status == "done" else 1)

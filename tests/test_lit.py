@@ -15,6 +15,12 @@ def config(*overrides: str) -> dict:
     return resolve(compose(["protocol=smoke", "data.root=unused", *overrides]))
 
 
+def quiet_trainer(**options) -> pl.Trainer:
+    """One epoch, no logger, checkpoint, progress bar or summary."""
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return pl.Trainer(max_epochs=1, enable_model_summary=False, **quiet, **options)
+
+
 def srm_config(**optim) -> dict:
     cfg = config("attention=none")
     cfg["attention"]["placements"] = [{"block": "srm", "stages": [3]}]
@@ -82,16 +88,7 @@ def test_loss_channels_last_and_metric_keys():
     x = torch.randn(16, 3, 32, 32)
     y = torch.arange(16) % 10
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=0)
     before = module.model.fc.weight.detach().clone()
     trainer.fit(module, loader, loader)
     metrics = trainer.callback_metrics
@@ -101,3 +98,31 @@ def test_loss_channels_last_and_metric_keys():
     assert not torch.equal(before, module.model.fc.weight)  # the optimizer stepped
     # The scheduler steps every optimizer step (cosine, 2 steps): LR fell to min_lr=0.
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bf16_mixed_on_the_cpu_runs_under_autocast_with_channels_last():
+    """Lightning's `bf16-mixed` on a CPU is torch.autocast("cpu", bfloat16): convolutions
+    compute in bf16 on channels_last inputs, the weights and their gradients stay fp32."""
+    cfg = config("attention=se", "trainer.channels_last=true", "trainer.precision=bf16-mixed")
+    module = LitClassifier(cfg, num_classes=10)
+    seen = {}
+
+    def hook(_, inputs, output):
+        seen.setdefault("conv1", (inputs[0], output))
+
+    module.model.conv1.register_forward_hook(hook)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    trainer = quiet_trainer(
+        accelerator="cpu",
+        precision=cfg["trainer"]["precision"],
+        limit_train_batches=1,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, loader)
+    inputs, output = seen["conv1"]
+    assert output.dtype == torch.bfloat16
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    assert module.model.conv1.weight.dtype == torch.float32
+    assert module.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import modules
+from bench.analysis import build_from_record, load_weights
 from bench.config import ConfigError, compose, resolve
 from bench.records import read_record, record_path, run_id
 from bench.train import train
@@ -88,7 +89,10 @@ def test_smoke_run_writes_record_wandb_offline_run_and_csv(tiny_tree, tmp_path):
     hparams = yaml.safe_load((run_dir / "csv" / "version_0" / "hparams.yaml").read_text())
     # The attention axes are top-level keys for the dashboard, read off the config.
     assert hparams["block"] == "se" and hparams["ratio"] == 16 and hparams["gate"] == "sigmoid"
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    # Lightning's ThroughputMonitor logs into the same CSV.
+    assert "train/samples" in metrics.splitlines()[0]
+    # A finished smoke run keeps no weights (trainer.keep_checkpoints: none).
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "final.pt").exists()
 
 
 class FailIfTrained(pl.Callback):
@@ -121,12 +125,16 @@ def test_run_cut_short_by_the_time_guard_resumes_when_started_again(tiny_tree, t
     overrides = [*tiny_overrides(tiny_tree, tmp_path), "trainer.max_epochs=2"]
     cut = train(configure(*overrides, "trainer.limit_train_batches=1"), [StopAfterFirstEpoch()])
     assert cut["status"] == "done" and (cut["epochs"], cut["max_epochs"]) == (1, 2)
+    # Unfinished: its resumable checkpoint stays, whatever keep_checkpoints says.
+    run_dir = Path(cut["config"]["output_dir"]) / "adhoc" / cut["run_id"]
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
     # A larger guard is the same run (same id), so it finds the checkpoint and goes on.
     longer = configure(*overrides, "trainer.limit_train_batches=1", "trainer.max_time=00:01:00:00")
     epochs = EpochsTrained()
     finished = train(longer, callbacks=[epochs])
     assert finished["run_id"] == cut["run_id"]
     assert epochs.seen == [1] and finished["epochs"] == 2
+    assert not (run_dir / "checkpoints").exists()
     assert train(longer, callbacks=[FailIfTrained()])["epochs"] == 2
 
 
@@ -154,6 +162,7 @@ class KillAtEpoch(pl.Callback):
 def test_resumed_run_matches_an_uninterrupted_one(tiny_tree, tmp_path):
     common = [
         "attention=cbam",
+        "trainer.keep_checkpoints=final",
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=3",
         "trainer.num_sanity_val_steps=1",
@@ -171,7 +180,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_tree, tmp_path):
     for key in ("top1", "top5", "best_top1", "best_top5"):
         assert resumed[key] == whole[key], key
     weights = [
-        torch.load(run_dir_of(c) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        torch.load(run_dir_of(c) / "final.pt", weights_only=True)
         for c in (configure(*tiny_overrides(tiny_tree, tmp_path / "a"), *common), cfg)
     ]
     assert weights[0].keys() == weights[1].keys()
@@ -181,6 +190,38 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_tree, tmp_path):
     second = (run_dir_of(cfg) / "csv" / "version_1" / "metrics.csv").read_text().splitlines()
     epochs = {row.split(",")[0] for row in second[1:]} - {""}
     assert epochs == {"1"}
+
+
+@pytest.mark.parametrize("keep", ["final", "all"])
+def test_a_finished_run_keeps_its_final_weights_only(tiny_tree, tmp_path, keep):
+    overrides = [*tiny_overrides(tiny_tree, tmp_path), "attention=se"]
+    overrides.append("trainer.limit_train_batches=2")
+    cfg = configure(*overrides, f"trainer.keep_checkpoints={keep}")
+    record = train(cfg)
+    run_dir = run_dir_of(cfg)
+    final = run_dir / "final.pt"
+    weights = torch.load(final, weights_only=True)
+    # The backbone's plain state dict, no optimizer state: bench.analysis loads it.
+    model = load_weights(build_from_record(record.model_dump()), final)
+    assert weights.keys() == model.state_dict().keys()
+    assert not any(key.startswith("model.") for key in weights)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if keep == "all" else []
+    assert kept == (["epoch000.ckpt", "last.ckpt"] if keep == "all" else [])
+    assert (run_dir / "checkpoints").exists() == (keep == "all")
+    # keep_checkpoints is not part of the run: the same id either way.
+    other = resolve(configure(*overrides, "trainer.keep_checkpoints=none"))
+    assert run_id(other) == record["run_id"]
+
+
+def test_bad_keep_checkpoints_and_precision_are_one_line_errors(tiny_tree, tmp_path):
+    for override, message in (
+        ("trainer.keep_checkpoints=some", "trainer.keep_checkpoints='some' is not one of"),
+        ("trainer.precision=bf17", "trainer.precision='bf17' is not one of auto"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            train(configure(*tiny_overrides(tiny_tree, tmp_path), override))
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "outputs").exists()
 
 
 class PoisonWeights(pl.Callback):
@@ -322,3 +363,25 @@ def test_every_registered_block_trains_from_its_attention_file(tiny_tree, tmp_pa
     record = train(cfg)
     assert record.status == "done"
     assert record.attention and {row["block"] for row in record.attention} == {block}
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["attention=se", "attention.stages=[7]"], "stage 7 is out of range"),
+        (["attention=se", "attention.position=middle"], "position='middle'"),
+        # An ImageFolder tree has nothing to download (CIFAR would try torchvision's copy).
+        (["data=imagefolder", "data.root=/no/such", "data.num_classes=10"], "/no/such/train"),
+    ],
+)
+def test_make_train_reports_a_bad_run_in_one_line(tmp_path, overrides, named):
+    """`make train` on a bad placement or missing data: one line, exit 2, no traceback
+    (verbose=true shows it); nothing is written."""
+    command = [sys.executable, "-m", "bench.train", *overrides, f"output_dir={tmp_path}"]
+    env = {**os.environ, "ATTN_BENCH_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not list(tmp_path.rglob("*.json"))
