@@ -902,15 +902,22 @@ def receptive_field_figure(
 # --- the run records --------------------------------------------------------------------
 
 
-def cost_gain_figure(runs: str | os.PathLike, path: str | os.PathLike) -> list[dict] | None:
+def cost_gain_figure(
+    runs: str | os.PathLike, path: str | os.PathLike, ablations: Sequence[str] | None = None
+) -> list[dict] | None:
     """Each trained variant's seed-paired top-1 difference to its ablation's baseline (mean
     and 95% interval, ``bench.tables``) against its extra parameters (% of the baseline's)
-    and its training throughput (% of the baseline's). Returns one dict per variant, or
-    None (no figure) when no trained table has a baseline."""
+    and its training throughput (% of the baseline's), for every ablation in ``runs`` (or
+    those of ``ablations``). Returns one dict per variant, or None (no figure written)
+    when no trained table has a baseline."""
     from bench.records import load_records
     from bench.tables import build_tables
 
-    tables = [t for t in build_tables(load_records(runs)) if not t.cost_only]
+    tables = [
+        t
+        for t in build_tables(load_records(runs))
+        if not t.cost_only and (ablations is None or t.ablation in ablations)
+    ]
     points = []
     for table in tables:
         by_label = {row.variant.label: row for row in table.rows}
@@ -982,6 +989,81 @@ def _extra_pct(value: float | None, base: float | None) -> float | None:
     return None if ratio is None else ratio - 100.0
 
 
+# --- the ablation report (notebooks/ablation_report.ipynb) ------------------------------
+
+
+def paper_table_markdown(table) -> str:
+    """The paper's table an ablation reproduces (``results/reference/<paper>.yaml``), all
+    its rows and fields, and which of our variants stands for each row in which setting
+    (our accuracy is comparable only there). ``table``: a ``bench.tables.Table``. Empty
+    when the ablation names no paper table."""
+    from bench.reference import load_reference
+
+    if not table.paper_name or not table.paper_table:
+        return ""
+    spec = load_reference(table.paper_name)["tables"][table.paper_table]
+    ours: dict[str, list[str]] = {}
+    for row in table.rows:
+        refs = row.variant.ref
+        pairs = refs.items() if isinstance(refs, Mapping) else [("", refs)]
+        for setting, ref in pairs:
+            if ref:
+                where = f" ({setting})" if setting else ""
+                ours.setdefault(str(ref), []).append(f"{row.variant.label}{where}")
+    fields = list(dict.fromkeys(k for fields in spec["rows"].values() for k in fields))
+    fields = [k for k in fields if k != "note"]
+    rows = [
+        [f"`{key}`", *(str(values.get(k, "")) for k in fields), "; ".join(ours.get(key, []))]
+        for key, values in spec["rows"].items()
+    ]
+    head = [
+        f"**{table.paper_name}, table `{table.paper_table}`**: {spec.get('source', '')}. "
+        f"{spec.get('description', '')}".strip(),
+        "",
+    ]
+    return "\n".join(head + _md_table(["row", *fields, "our variant"], rows))
+
+
+def seed_statistics_markdown(table) -> str:
+    """Every seed's top-1 of each row of a trained ``bench.tables.Table``, with the
+    statistics the table reports: mean, sample std and 95% t interval of the row
+    (``bench.stats.summarize``), and the per-seed differences to the baseline run of the
+    same seed (``bench.stats.paired_differences``) with their mean, interval and verdict."""
+    from bench.stats import paired_differences, summarize
+
+    by_label = {row.variant.label: row for row in table.rows}
+
+    def per_seed(row) -> dict:
+        return {seed: float(np.mean(values)) for seed, values in row.top1_by_seed.items()}
+
+    def interval(summary) -> str:
+        return "" if summary.low is None else f"[{summary.low:.2f}, {summary.high:.2f}]"
+
+    rows = []
+    for row in table.rows:
+        ours = per_seed(row)
+        top1 = summarize(list(ours.values()))
+        seeds = ", ".join(f"s{seed}: {value:.2f}" for seed, value in sorted(ours.items()))
+        cells = [row.variant.label, seeds, f"{top1.mean:.2f}" if top1.mean is not None else ""]
+        cells += ["" if top1.std is None else f"{top1.std:.2f}", interval(top1)]
+        base = by_label.get(row.baseline.label) if row.baseline is not None else None
+        if base is None or base is row:
+            cells += ["", "", "", row.verdict]
+        else:
+            diffs = paired_differences(ours, per_seed(base))
+            delta = summarize(list(diffs.values()))
+            cells += [
+                ", ".join(f"s{seed}: {value:+.2f}" for seed, value in diffs.items()),
+                "" if delta.mean is None else f"{delta.mean:+.2f}",
+                interval(delta),
+                row.verdict,
+            ]
+        rows.append(cells)
+    header = ["variant", "top-1 by seed", "mean", "std", "95% CI", "Δ vs baseline by seed",
+              "Δ mean", "Δ 95% CI", "verdict"]  # fmt: skip
+    return "\n".join(_md_table(header, rows))
+
+
 # --- everything -------------------------------------------------------------------------
 
 
@@ -1047,6 +1129,99 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
+def models_markdown(
+    models: Mapping[str, TrainedModel], measured: Mapping[str, float], n_images: int
+) -> str:
+    """The models: name, label, schedule (epochs, recipe, the run's top-1 and wall time)
+    and ``measured``, their top-1 (%) on the ``n_images`` test images the figures use."""
+    rows = [
+        [f"`{name}`", m.label, m.schedule, f"{measured[name]:.2f}% of {n_images}"]
+        for name, m in models.items()
+    ]
+    return "\n".join(_md_table(["name", "model", "how it was trained", "top-1 here"], rows))
+
+
+def specificity_markdown(
+    specificity: Mapping[str, Sequence[tuple[str, float]]], models: Mapping[str, TrainedModel]
+) -> str:
+    """``specificity_figure``'s numbers: a row per block, a column per model."""
+    values = {name: dict(pairs) for name, pairs in specificity.items()}
+    blocks = list(dict.fromkeys(path for pairs in specificity.values() for path, _ in pairs))
+    rows = [
+        [_unit_of(block)[1]]
+        + [f"{values[n][block]:.4f}" if block in values[n] else "" for n in specificity]
+        for block in blocks
+    ]
+    header = ["block", *(models[name].label for name in specificity)]
+    return "\n".join(_md_table(header, rows))
+
+
+def attention_maps_markdown(numbers: Mapping[str, Any], models: Mapping[str, TrainedModel]) -> str:
+    """``attention_maps_figure``'s numbers: each model's mean probability of the true class
+    and how many of the shown images it gets right."""
+    labels = numbers["labels"]
+    rows = [
+        [
+            models[name].label,
+            f"{p.mean():.3f}",
+            f"{int((numbers['predictions'][name] == labels).sum())}/{len(labels)}",
+        ]
+        for name, p in numbers["probabilities"].items()
+    ]
+    return "\n".join(_md_table(["model", "mean p of the true class", "correct"], rows))
+
+
+def non_local_markdown(numbers: Mapping[str, Any]) -> str:
+    """``non_local_figure``'s numbers: the block and its query independence."""
+    (qh, qw), (kh, kw) = numbers["query_shape"], numbers["key_shape"]
+    values = numbers["independence"]
+    return "\n".join(
+        [
+            f"Block `{numbers['path']}`, {qh}x{qw} query positions, {kh}x{kw} keys. Query "
+            "independence (mean cosine distance between the attention maps of different "
+            "queries; 0: every query attends to the same places):",
+            "",
+            f"- trained: {numbers['mean_independence']:.4f} (mean over {len(values)} test "
+            f"images; min {values.min():.4f}, max {values.max():.4f})",
+            f"- the same block at initialisation: {numbers['init_independence']:.4f}",
+        ]
+    )
+
+
+def receptive_fields_markdown(
+    numbers: Mapping[str, Mapping[str, Mapping[str, Any]]], models: Mapping[str, TrainedModel]
+) -> str:
+    """``receptive_field_figure``'s numbers: theoretical and empirical sizes per layer."""
+    first = next(iter(numbers.values()))
+    size = "{}x{}".format
+    rows = [["theoretical", *(size(*entry["theoretical"]) for entry in first.values())]]
+    rows += [
+        [models[name].label, *(size(*entry["empirical"]) for entry in per_layer.values())]
+        for name, per_layer in numbers.items()
+    ]
+    return "\n".join(_md_table(["model", *(f"{layer} output" for layer in first)], rows))
+
+
+def cost_gain_markdown(points: Sequence[Mapping[str, Any]]) -> str:
+    """``cost_gain_figure``'s numbers."""
+    rows = []
+    for p in points:
+        ci = "" if p["low"] is None else f" [{p['low']:+.2f}, {p['high']:+.2f}]"
+        rows.append(
+            [
+                p["table"],
+                p["variant"],
+                f"{p['delta']:+.2f}{ci}",
+                p["verdict"],
+                "" if p["params_pct"] is None else f"{p['params_pct']:+.1f}%",
+                "" if p["throughput_pct"] is None else f"{p['throughput_pct']:.0f}%",
+            ]
+        )
+    header = ["table", "variant", "Δ top-1 vs baseline [95% CI]", "verdict", "extra params",
+              "throughput vs baseline"]  # fmt: skip
+    return "\n".join(_md_table(header, rows))
+
+
 def figures_readme(
     models: Mapping[str, TrainedModel],
     numbers: Mapping[str, Any],
@@ -1055,118 +1230,46 @@ def figures_readme(
 ) -> str:
     """``results/figures/README.md``: the models, then a caption and the numbers of each
     figure (fixed formats, no timestamps: the same models give the same text)."""
-    lines = [
-        "# Figures",
-        "",
-        "Generated by `make figures` (`python -m bench.figures`) from the weights in",
-        "`results/analysis/weights/` and the run records in `results/runs/`; do not edit by",
-        "hand. How the models were trained: `results/analysis/README.md`.",
-        "",
-        "## Models",
-        "",
+    sections = [
+        "# Figures\n\nGenerated by `make figures` (`python -m bench.figures`) from the weights "
+        "in `results/analysis/weights/` and the run records in `results/runs/`; do not edit "
+        "by hand. How the models were trained: `results/analysis/README.md`.",
+        "## Models\n\n" + models_markdown(models, measured, n_images),
     ]
-    lines += _md_table(
-        ["name", "model", "schedule", "top-1 on the test images used here"],
-        [
-            [f"`{name}`", m.label, m.schedule, f"{measured[name]:.2f}% of {n_images}"]
-            for name, m in models.items()
-        ],
-    )
     if "class_specificity" in numbers:
-        spec = numbers["class_specificity"]
-        values = {name: dict(pairs) for name, pairs in spec.items()}
-        blocks = list(dict.fromkeys(path for pairs in spec.values() for path, _ in pairs))
-        lines += [
-            "## SENet Fig. 6: excitations by class (`excitation_se.png`, `class_specificity.png`)",
-            "",
-            "Mean gate of every channel over the test images of each class. Class specificity: "
-            "mean over channels of the standard deviation across the classes of the "
-            "class-mean gate (0: every class gets the same gates).",
-            "",
-        ]
-        lines += _md_table(
-            ["block", *(models[name].label for name in spec)],
-            [
-                [_unit_of(block)[1]]
-                + [f"{values[n][block]:.4f}" if block in values[n] else "" for n in spec]
-                for block in blocks
-            ],
+        sections.append(
+            "## SENet Fig. 6: excitations by class (`excitation_se.png`, "
+            "`class_specificity.png`)\n\nMean gate of every channel over the test images of "
+            "each class. Class specificity: mean over channels of the standard deviation "
+            "across the classes of the class-mean gate (0: every class gets the same "
+            "gates).\n\n" + specificity_markdown(numbers["class_specificity"], models)
         )
     if "attention_maps" in numbers:
-        maps = numbers["attention_maps"]
-        labels = maps["labels"]
-        lines += [
-            "## Grad-CAM and CBAM's spatial gates (`attention_maps.png`)",
-            "",
-            "One test image per class (the first of each); Grad-CAM of the true class at the "
-            "last stage's output; p: the model's probability of the true class.",
-            "",
-        ]
-        lines += _md_table(
-            ["model", "mean p of the true class", "correct"],
-            [
-                [
-                    models[name].label,
-                    f"{p.mean():.3f}",
-                    f"{int((maps['predictions'][name] == labels).sum())}/{len(labels)}",
-                ]
-                for name, p in maps["probabilities"].items()
-            ],
+        sections.append(
+            "## Grad-CAM and CBAM's spatial gates (`attention_maps.png`)\n\nOne test image "
+            "per class (the first of each); Grad-CAM of the true class at the last stage's "
+            "output; p: the model's probability of the true class.\n\n"
+            + attention_maps_markdown(numbers["attention_maps"], models)
         )
     if "non_local" in numbers:
-        nl = numbers["non_local"]
-        (qh, qw), (kh, kw) = nl["query_shape"], nl["key_shape"]
-        lines += [
-            "## GCNet Fig. 2: non-local attention maps (`non_local.png`)",
-            "",
-            f"Block `{nl['path']}`, {qh}x{qw} query positions, {kh}x{kw} keys. Query "
-            "independence (mean cosine distance between the attention maps of different "
-            "queries; 0: every query attends to the same places):",
-            "",
-            f"- trained: {nl['mean_independence']:.4f} (mean over {n_images} test images; "
-            f"min {nl['independence'].min():.4f}, max {nl['independence'].max():.4f})",
-            f"- the same block at initialisation: {nl['init_independence']:.4f}",
-            "",
-        ]
+        sections.append(
+            "## GCNet Fig. 2: non-local attention maps (`non_local.png`)\n\n"
+            + non_local_markdown(numbers["non_local"])
+        )
     if "receptive_fields" in numbers:
-        rf = numbers["receptive_fields"]
-        first = next(iter(rf.values()))
-        sizes = "{}x{}".format
-        lines += [
-            "## ParseNet Fig. 2: receptive fields (`receptive_fields.png`)",
-            "",
-            "Height x width in input pixels of the centre unit's receptive field: theoretical "
-            "(convolutions and poolings alone) and empirical (where a 1-pixel noise patch "
-            "changes the unit by at least 10% of its largest change).",
-            "",
-        ]
-        lines += _md_table(
-            ["model", *(f"{layer} output" for layer in first)],
-            [["theoretical", *(sizes(*entry["theoretical"]) for entry in first.values())]]
-            + [
-                [models[name].label, *(sizes(*entry["empirical"]) for entry in per.values())]
-                for name, per in rf.items()
-            ],
+        sections.append(
+            "## ParseNet Fig. 2: receptive fields (`receptive_fields.png`)\n\nHeight x width "
+            "in input pixels of the centre unit's receptive field: theoretical (convolutions "
+            "and poolings alone) and empirical (where a 1-pixel noise patch changes the unit "
+            "by at least 10% of its largest change).\n\n"
+            + receptive_fields_markdown(numbers["receptive_fields"], models)
         )
     if numbers.get("cost_vs_gain"):
-        lines += ["## Gain against cost, from the run records (`cost_vs_gain.png`)", ""]
-        lines += _md_table(
-            ["table", "variant", "Δ top-1 vs baseline [95% CI]", "verdict", "extra params",
-             "throughput"],
-            [
-                [
-                    p["table"],
-                    p["variant"],
-                    f"{p['delta']:+.2f}"
-                    + ("" if p["low"] is None else f" [{p['low']:+.2f}, {p['high']:+.2f}]"),
-                    p["verdict"],
-                    "" if p["params_pct"] is None else f"{p['params_pct']:.1f}%",
-                    "" if p["throughput_pct"] is None else f"{p['throughput_pct']:.0f}%",
-                ]
-                for p in numbers["cost_vs_gain"]
-            ],
-        )  # fmt: skip
-    return "\n".join(lines).rstrip("\n") + "\n"
+        sections.append(
+            "## Gain against cost, from the run records (`cost_vs_gain.png`)\n\n"
+            + cost_gain_markdown(numbers["cost_vs_gain"])
+        )
+    return "\n\n".join(section.rstrip("\n") for section in sections) + "\n"
 
 
 # --- notebooks --------------------------------------------------------------------------

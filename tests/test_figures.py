@@ -13,7 +13,8 @@ from bench import figures
 from bench.analysis import class_specificity, collect, load_run, query_independence
 from bench.config import compose, resolve
 from bench.data import CIFAR10_MEAN, CIFAR10_STD, normalize
-from bench.records import RunRecord, run_id, write_record
+from bench.records import RunRecord, load_records, run_id, write_record
+from bench.tables import build_tables
 
 CLASSES = ("airplane", "cat", "frog", "ship", "truck")
 SIZE = 16  # images: ResNet-20's stages then see 16, 8 and 4 pixels
@@ -191,9 +192,10 @@ def test_receptive_field_figure(tiny, tmp_path):
 
 def cifar_record(block: str, seed: int, top1: float, throughput: float, params: int) -> dict:
     variants = [
-        {"label": "ResNet", "match": {"attention.block": "none"}},
-        {"label": "+ SE", "match": {"attention.block": "se"}},
-    ]
+        {"label": "ResNet", "ref": "resnet56", "match": {"attention.block": "none"}},
+        {"label": "+ SE", "ref": {"cifar-cifar10": "resnet56_se"},
+         "match": {"attention.block": "se"}},
+    ]  # fmt: skip
     config = {
         "ablation": "cifar_blocks",
         "seed": seed,
@@ -201,6 +203,7 @@ def cifar_record(block: str, seed: int, top1: float, throughput: float, params: 
         "model": {"name": "resnet20_cifar"},
         "data": {"name": "cifar10"},
         "protocol": {"name": "cpu"},
+        "paper": {"name": "simam_cifar", "table": "cifar", "settings": ["cifar-cifar10"]},
         "variants": variants,
     }
     return RunRecord(
@@ -210,8 +213,9 @@ def cifar_record(block: str, seed: int, top1: float, throughput: float, params: 
     ).model_dump()  # fmt: skip
 
 
-def test_cost_gain_figure_from_run_records(tmp_path):
-    runs = tmp_path / "runs"
+def write_cifar_runs(runs: Path) -> Path:
+    """Four done records of a two-row ``cifar_blocks`` table (baseline and SE, seeds 0 and
+    1): top-1 80/81 and 80.5/82.5, so SE's paired differences are +0.5 and +1.5."""
     for record in (
         cifar_record("none", 0, 80.0, 400.0, 1000),
         cifar_record("none", 1, 81.0, 400.0, 1000),
@@ -219,6 +223,16 @@ def test_cost_gain_figure_from_run_records(tmp_path):
         cifar_record("se", 1, 82.5, 300.0, 1010),
     ):
         write_record(runs / "cifar_blocks" / f"{record['run_id']}.json", record)
+    return runs
+
+
+@pytest.fixture
+def cifar_runs(tmp_path) -> Path:
+    return write_cifar_runs(tmp_path / "runs")
+
+
+def test_cost_gain_figure_from_run_records(cifar_runs, tmp_path):
+    runs = cifar_runs
     (point,) = figures.cost_gain_figure(runs, tmp_path / "cost.png")
     assert_png(tmp_path / "cost.png")
     assert point["variant"] == "+ SE" and point["baseline"] == "ResNet"
@@ -226,8 +240,22 @@ def test_cost_gain_figure_from_run_records(tmp_path):
     assert point["low"] < 1.0 < point["high"]  # paired differences 0.5 and 1.5
     assert point["params_pct"] == pytest.approx(1.0)
     assert point["throughput_pct"] == pytest.approx(75.0)
-    assert figures.cost_gain_figure(tmp_path / "empty", tmp_path / "none.png") is None
+    assert figures.cost_gain_figure(runs, tmp_path / "none.png", ablations=["other"]) is None
     assert not (tmp_path / "none.png").exists()
+    row = "| cifar_blocks/cpu-cifar10-resnet20_cifar | + SE | +1.00 [-5.35, +7.35] | within noise"
+    assert row + " | +1.0% | 75% |" in figures.cost_gain_markdown([point])
+
+
+def test_ablation_report_tables(cifar_runs):
+    (table,) = build_tables(load_records(cifar_runs))
+    paper = figures.paper_table_markdown(table)
+    assert paper.startswith("**simam_cifar, table `cifar`**: Table 2")
+    assert "| `resnet56` | resnet56_cifar | none | 93.58 | 72.24 | ResNet |" in paper
+    assert "| `resnet56_se` | resnet56_cifar | se | 93.69 | 72.84 | + SE (cifar-cifar10) |" in paper
+    stats = figures.seed_statistics_markdown(table)
+    assert "| ResNet | s0: 80.00, s1: 81.00 | 80.50 | 0.71 | [" in stats
+    assert "| + SE | s0: 80.50, s1: 82.50 | 81.50 | 1.41 | [" in stats
+    assert "| s0: +0.50, s1: +1.50 | +1.00 | [" in stats and "| within noise |" in stats
 
 
 def test_make_figures_from_the_command_line(tiny, tmp_path, capsys):
