@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.config import ConfigError, check, check_choice, compose, group_options, resolve
 from bench.data import check_data
 from bench.records import failure_path, is_complete, read_record, record_path, run_id
+from bench.tables import build_tables, to_markdown
 from bench.variants import variants_of
 
 # Hydra overrides that pick a launcher; extra settings (partition, GPUs, time) go on the
@@ -292,7 +293,9 @@ class SweepProgress(Callback):
         self.swept = {axis.path for axis in axes if len(axis.values) > 1}
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        self.skipped = _quietly(completed_run, config, default=False)
+        self.skipped = config.get("skip_done", True) and _quietly(
+            completed_run, config, default=False
+        )
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         index = config.hydra.job.num + 1
@@ -368,6 +371,14 @@ def summary(outcomes: Sequence[str], skipped: int) -> str:
     return line
 
 
+def print_tables(runs: Sequence[PlannedRun]) -> None:
+    """The table(s) of this sweep's finished runs, as ``make tables`` would write them."""
+    paths = [record_of(run.config) for run in runs]
+    records = [read_record(path) for path in paths if path.is_file()]
+    for table in build_tables(records):
+        print("\n" + to_markdown(table), flush=True)
+
+
 # --- W&B sweep ----------------------------------------------------------------------------
 
 
@@ -395,9 +406,13 @@ def wandb_sweep(ablation: str, fixed: list[str], axes: list[Axis], project: str)
 # --- CLI ----------------------------------------------------------------------------------
 
 
-def train_command(fixed: list[str], axes: list[Axis], launcher: list[str]) -> list[str]:
+def train_command(
+    fixed: list[str], axes: list[Axis], launcher: list[str], verbose: bool = False
+) -> list[str]:
     given = [f"{a.key}={','.join(a.values)}" for a in axes if a.origin == "the command line"]
-    return [sys.executable, "-m", "bench.train", "-m", *fixed, *given, *launcher]
+    # Hydra's own lines (one per job launched) repeat what the progress lines say.
+    quiet = [] if verbose else ["hydra/hydra_logging=disabled"]
+    return [sys.executable, "-m", "bench.train", "-m", *fixed, *given, *launcher, *quiet]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -430,6 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     overrides = [f"seed={args.seeds}", *args.overrides]
+    if args.wandb_sweep and args.protocol in (None, "smoke"):
+        print(
+            f"error: a W&B sweep trains for real on many machines, so it needs a real protocol "
+            f"(--protocol {' or '.join(p for p in protocol_names() if p != 'smoke')}); "
+            f"got {args.protocol or 'none'}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         runs = validate_sweep(args.ablation, args.protocol, overrides)
         fixed, axes = plan_sweep(args.ablation, args.protocol, overrides)
@@ -444,19 +467,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = wandb_sweep(args.ablation, fixed, axes, project)
         args.wandb_sweep.parent.mkdir(parents=True, exist_ok=True)
         args.wandb_sweep.write_text(yaml.safe_dump(spec, sort_keys=False))
-        print(f"wrote {args.wandb_sweep}: wandb sweep {args.wandb_sweep}; then wandb agent <id>")
+        print(
+            f"wrote {args.wandb_sweep}: a W&B grid of {len(runs)} run(s) of {args.ablation}, "
+            f"protocol {args.protocol}, logging online to project {project!r}.\n"
+            f"Start it once:            wandb sweep {args.wandb_sweep}   (prints a sweep id)\n"
+            "Then on every machine:    wandb agent <entity>/<project>/<sweep id>\n"
+            "Each agent runs `python -m bench.train ...` from a checkout of this project with "
+            "its data in place; records go to each machine's results/runs."
+        )
         return 0
-    done_before = [completed_run(run.config) for run in runs]
+    done_before = [run.config.skip_done and completed_run(run.config) for run in runs]
     if args.dry_run:
         for run, done in zip(runs, done_before, strict=True):
             state = "done, will be skipped" if done else "to run"
             print(f"[{run.index}/{run.total}] {run.name}: {state}")
         return 0
-    command = train_command(fixed, axes, LAUNCHERS[args.launcher](args.jobs))
+    verbose = bool(runs[0].config.get("verbose"))
+    command = train_command(fixed, axes, LAUNCHERS[args.launcher](args.jobs), verbose)
     print("+ " + " ".join(command[1:]), flush=True)
     code = subprocess.call(command)
     outcomes = [run_outcome(run.config) for run in runs]
     print(summary(outcomes, skipped=sum(done_before)), flush=True)
+    print_tables(runs)
     failed = any(o.startswith("failed") for o in outcomes)
     return code or int(failed)
 

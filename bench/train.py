@@ -53,6 +53,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from bench.config import OWN_TRAINER_KEYS, ConfigError, check, dashboard_keys
+from bench.console import progress_bar, quiet_libraries
 from bench.data import build_datamodule
 from bench.hardware import throughput_monitor, training_flops
 from bench.lit import LitClassifier
@@ -241,9 +242,14 @@ def build_trainer(
     rid: str,
     callbacks: Sequence[Callback],
     resuming: bool = False,
+    in_sweep: bool = False,
 ) -> pl.Trainer:
     """The Lightning Trainer of a run: its loggers and checkpoints live in ``run_dir``."""
     options = {k: v for k, v in config["trainer"].items() if k not in OWN_TRAINER_KEYS}
+    callbacks = list(callbacks)
+    if options.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(in_sweep))
+    options.setdefault("enable_model_summary", bool(config.get("verbose")))
     if resuming:
         # Checked at the first attempt; and it would draw from the RNG EpochSeed just set.
         options["num_sanity_val_steps"] = 0
@@ -253,16 +259,20 @@ def build_trainer(
     loggers: list = [CSVLogger(run_dir, name="csv")]
     logger_cfg = {k: v for k, v in config["logger"].items() if k != "name"}
     if logger_cfg.get("_target_"):  # logger/wandb.yaml; the run supplies who and where
-        loggers.append(
-            instantiate(
-                logger_cfg,
-                name=config["run_name"],
-                save_dir=str(run_dir),
-                id=rid,
-                group=config["ablation"],
-                job_type="train",
-            )
+        logger = instantiate(
+            logger_cfg,
+            name=config["run_name"],
+            save_dir=str(run_dir),
+            id=rid,
+            group=config["ablation"],
+            job_type="train",
         )
+        # Lightning always passes W&B `anonymous=None`, which W&B warns about on every
+        # first run of a process (the setting is deprecated and does nothing).
+        init_args = getattr(logger, "_wandb_init", {})
+        if init_args.get("anonymous", "unset") is None:
+            del init_args["anonymous"]
+        loggers.append(logger)
     # The newest epoch's checkpoint, and last.ckpt linking to it (what a restart resumes).
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -307,6 +317,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
     """Run the training ``cfg`` describes (a composed experiments/train.yaml) and return
     its record. ``callbacks`` are added to the Trainer's (tests use this)."""
     config = check(cfg)
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not config.get("verbose"):
+        quiet_libraries()
+        # In a sweep, the progress callback's one line per run says what matters.
+        log.setLevel(logging.WARNING if in_sweep else logging.INFO)
     rid = run_id(config)
     ablation = config["ablation"]
     run_dir = Path(config["output_dir"]) / ablation / rid
@@ -328,7 +343,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
             )
 
     seed = config["seed"]
-    pl.seed_everything(seed, workers=True)
+    pl.seed_everything(seed, workers=True, verbose=bool(config.get("verbose")))
     torch.set_float32_matmul_precision(config["trainer"]["float32_matmul_precision"])
     last = run_dir / "checkpoints" / "last.ckpt"
     stats = RunStats()
@@ -338,6 +353,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
         rid,
         [stats, EpochSeed(seed), StopOnNonFiniteLoss(), throughput_monitor(), *callbacks],
         resuming=last.exists(),
+        in_sweep=in_sweep,
     )
     world = trainer.world_size
     batch = config["protocol"]["batch_size"]
@@ -352,7 +368,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]
             num_workers=config["num_workers"],
             seed=seed,
         )
-        datamodule.check()
+        datamodule.fetch()  # check, and download what may be downloaded, before any work
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data: {err}") from err
 

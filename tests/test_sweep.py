@@ -216,11 +216,18 @@ def test_cli_runs_one_hydra_multirun_with_the_launcher(experiments, capsys):
     } <= set(command)
 
 
-def test_wandb_sweep_file(experiments, tmp_path):
+def test_wandb_sweep_file(experiments, tmp_path, capsys):
     _, calls = experiments
     out = tmp_path / "sweep.yaml"
-    assert sweep.main(["se_excitation", "--seeds", "0,1", "--wandb-sweep", str(out)]) == 0
+    argv = ["se_excitation", "--seeds", "0,1", "--wandb-sweep", str(out)]
+    # The multi-machine workflow trains for real: no protocol, or smoke, is refused.
+    assert sweep.main(argv) == 2 and sweep.main([*argv, "--protocol", "smoke"]) == 2
+    assert "needs a real protocol" in capsys.readouterr().err and not out.exists()
+    assert sweep.main([*argv, "--protocol", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wandb sweep {out}" in printed and "wandb agent" in printed
     spec = yaml.safe_load(out.read_text())
+    assert "protocol=cpu" in spec["command"]
     assert calls == []
     assert spec["method"] == "grid" and spec["program"] == "bench.train"
     assert spec["parameters"]["attention.gate"]["values"] == ["relu", "tanh", "sigmoid"]
@@ -234,7 +241,9 @@ def test_progress_line_and_resume_check(tmp_path, capsys):
     from tests.test_tables import make_record
 
     (run,) = sweep.validate_sweep(
-        "cbam_arrangement", "smoke", ["attention.order=parallel", f"results_dir={tmp_path}"]
+        "cbam_arrangement",
+        "smoke",
+        ["attention.order=parallel", f"results_dir={tmp_path}", "skip_done=true"],
     )
     assert not sweep.completed_run(run.config)
     path = sweep.record_of(run.config)
@@ -306,6 +315,7 @@ def test_sweep_survives_sigkill_and_resumes(tmp_path):
         "num_workers=0",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
+        "skip_done=true",  # smoke runs always rerun; this test is about resuming
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(
@@ -360,6 +370,7 @@ def test_make_sweep_and_a_plain_hydra_multirun_are_the_same_runs(tmp_path):
     from tests.test_tables import make_record
 
     overrides = [f"results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'out'}"]
+    overrides.append("skip_done=true")
     runs = sweep.validate_sweep("cbam_arrangement", "smoke", ["seed=0,1", *overrides])
     assert len(runs) == 6
     for run in runs:
@@ -387,10 +398,11 @@ def test_dry_run_lists_which_runs_are_done(experiments, tmp_path, capsys):
     _, calls = experiments
     results = f"results_dir={tmp_path / 'results'}"
     (run,) = sweep.validate_sweep(
-        "cbam_arrangement", "smoke", ["attention.order=parallel", results]
+        "cbam_arrangement", "smoke", ["attention.order=parallel", results, "skip_done=true"]
     )
     write_record(sweep.record_of(run.config), make_record("parallel", 0, 71.0, 90.0))
-    assert sweep.main(["cbam_arrangement", "--protocol", "smoke", "--dry-run", results]) == 0
+    argv = ["cbam_arrangement", "--protocol", "smoke", "--dry-run", results, "skip_done=true"]
+    assert sweep.main(argv) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert calls == [] and len(lines) > 1
     assert [line for line in lines if line.endswith("done, will be skipped")] == [

@@ -55,6 +55,7 @@ def tiny_overrides(root: Path, out: Path) -> list[str]:
         "data.recipe=cifar",
         "data.cache=true",
         "protocol=smoke",
+        "skip_done=true",  # these are real runs in miniature: a done one is skipped
         "protocol.batch_size=8",
         "num_workers=0",
         "logger=csv",
