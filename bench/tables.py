@@ -122,6 +122,7 @@ class Row:
     best_top5: Stat = field(default_factory=Stat)
     paper: dict = field(default_factory=dict)
     ref: str | None = None  # the paper's row in this table's setting
+    commits: set = field(default_factory=set)  # the code versions its runs came from
     datasets: set = field(default_factory=set)
     # Our runs' dataset where it is the paper's (so a delta means something), else None.
     dataset: str | None = None
@@ -134,6 +135,7 @@ class Row:
 
     def add(self, record: Mapping) -> None:
         self.datasets.add(str(config_value(record["config"], "data.name")))
+        self.commits.add(record.get("git_commit") or "unknown")
         for name in ("params", "gmacs", "throughput", "top1", "top5", "best_top1", "best_top5"):
             value = record.get(name)
             if value is not None:
@@ -503,6 +505,7 @@ def csv_values(table: Table, row: Row) -> list[str]:
         fmt_signed(delta.low, 3),
         fmt_signed(delta.high, 3),
         row.verdict,
+        " ".join(sorted(c[:7] for c in row.commits)),
     ]
 
 
@@ -534,6 +537,7 @@ def csv_header(table: Table) -> list[str]:
         "delta_baseline_ci95_low",
         "delta_baseline_ci95_high",
         "verdict",
+        "commits",
     ]
 
 
@@ -578,6 +582,14 @@ def _caption(table: Table) -> list[str]:
                 "Δ vs paper = ours - paper."
                 if any(row.dataset for row in table.rows)
                 else "No Δ vs paper: our runs did not use the paper's dataset."
+            )
+        commits = sorted({c for row in table.rows for c in row.commits})
+        if len(commits) > 1:
+            # Code changes between runs can move a number by more than seed noise does.
+            lines.append(
+                f"Runs from {len(commits)} commits ("
+                + ", ".join(c[:7] for c in commits)
+                + "): rows may differ by code as well as by variant; see the CSV's commits."
             )
     if table.unmatched:
         lines.append(f"{table.unmatched} record(s) matched no variant and are left out.")

@@ -13,6 +13,7 @@ import pytest
 from bench import costs, tables
 from bench.records import run_id, write_record
 from bench.reference import agrees, reference_table
+from bench.variants import Variant
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -375,3 +376,39 @@ def test_committed_tables_equal_a_rebuild(tmp_path):
     assert ours == theirs
     for name in sorted(ours):
         assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
+
+
+def test_rows_from_several_commits_say_so(tmp_path):
+    one = {**make_record("parallel", 0, 60.0, 90.0), "git_commit": "a" * 40}
+    other = {**make_record("parallel", 1, 61.0, 90.0), "git_commit": "b" * 40}
+    write_records(tmp_path, [one])
+    (table,) = tables.build_tables(tables.load_records(tmp_path / "runs"))
+    assert "commits" not in tables.to_markdown(table)
+    write_records(tmp_path, [other])
+    (table,) = tables.build_tables(tables.load_records(tmp_path / "runs"))
+    assert "Runs from 2 commits (aaaaaaa, bbbbbbb)" in tables.to_markdown(table)
+    assert tables.to_csv(table).splitlines()[1].endswith("aaaaaaa bbbbbbb")
+
+
+def test_paper_numbers_only_in_the_papers_setting(tmp_path):
+    """A plain ref applies in paper.settings; a mapping picks the paper's row per setting."""
+
+    def record(protocol, model, seed=0):
+        r = make_record("parallel", seed, 60.0, 90.0, protocol=protocol)
+        config = r["config"]
+        config["model"] = {"name": model}
+        config["paper"] = {**config["paper"], "settings": ["imagenet-imagenet-resnet50"]}
+        r["run_id"] = run_id(config)
+        return r
+
+    write_records(tmp_path, [record("imagenet", "resnet50"), record("cpu", "resnet50", 1)])
+    by_setting = {t.setting: t for t in tables.build_tables(tables.load_records(tmp_path / "runs"))}
+    assert by_setting["imagenet-imagenet-resnet50"].rows[0].paper["top1"] == 77.05
+    assert by_setting["cpu-imagenet-resnet50"].rows[0].paper == {}
+
+    variant = Variant("x", {"cifar-cifar10-resnet56_cifar": "resnet56_se"}, {})
+    assert variant.ref_in("cifar-cifar10-resnet56_cifar", []) == "resnet56_se"
+    assert variant.ref_in("cpu-cifar10-resnet20_cifar", []) is None
+    plain = Variant("x", "r16", {})
+    assert plain.ref_in("imagenet-imagenet-resnet50", ["imagenet-imagenet-resnet50"]) == "r16"
+    assert plain.ref_in("cpu-cifar10-resnet20_cifar", ["imagenet-imagenet-resnet50"]) is None
