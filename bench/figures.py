@@ -1036,8 +1036,10 @@ def seed_statistics_markdown(table) -> str:
     def per_seed(row) -> dict:
         return {seed: float(np.mean(values)) for seed, values in row.top1_by_seed.items()}
 
-    def interval(summary) -> str:
-        return "" if summary.low is None else f"[{summary.low:.2f}, {summary.high:.2f}]"
+    def interval(summary, sign: str = "") -> str:
+        if summary.low is None:
+            return ""
+        return f"[{summary.low:{sign}.2f}, {summary.high:{sign}.2f}]"
 
     rows = []
     for row in table.rows:
@@ -1055,7 +1057,7 @@ def seed_statistics_markdown(table) -> str:
             cells += [
                 ", ".join(f"s{seed}: {value:+.2f}" for seed, value in diffs.items()),
                 "" if delta.mean is None else f"{delta.mean:+.2f}",
-                interval(delta),
+                interval(delta, "+"),
                 row.verdict,
             ]
         rows.append(cells)
