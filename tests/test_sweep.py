@@ -69,6 +69,7 @@ SETTINGS = {
     "smoke": ("resnet20_cifar", "cifar10"),
     "cpu": ("resnet20_cifar", "cifar10"),
     "cifar": ("resnet56_cifar", "cifar10"),
+    "cifar_fast": ("resnet18", "cifar10"),
     "imagenet": ("resnet50", "imagenet"),
 }
 

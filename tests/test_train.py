@@ -225,6 +225,30 @@ def test_bad_keep_checkpoints_and_precision_are_one_line_errors(tiny_tree, tmp_p
     assert not (tmp_path / "outputs").exists()
 
 
+def test_cifar_fast_protocol_smoke_on_the_cpu(tiny_tree, tmp_path):
+    """The GPU protocol's code path (ResNet-18 CIFAR stem, resident data, bf16-mixed where
+    the CPU has it, compile: auto) for two batches."""
+    overrides = [
+        "protocol=cifar_fast" if o == "protocol=smoke" else o
+        for o in tiny_overrides(tiny_tree, tmp_path)
+    ]
+    cfg = configure(
+        *overrides,
+        "trainer.limit_train_batches=2",
+        "trainer.max_epochs=1",
+        "schedule.warmup_epochs=0.5",  # the protocol's 3 must be shorter than the run
+        "trainer.limit_val_batches=1",
+    )
+    record = train(cfg)
+    assert record["status"] == "done" and record["epochs"] == 1
+    config = record["config"]
+    assert config["protocol"]["name"] == "cifar_fast" and config["model"]["name"] == "resnet18"
+    assert config["model"]["cifar_stem"] and config["data"]["resident"]
+    assert config["trainer"]["precision"] == "bf16-mixed"  # set by the protocol
+    assert config["trainer"]["compile"] in (True, False)  # auto, resolved
+    assert (run_dir_of(cfg) / "final.pt").exists()
+
+
 class PoisonWeights(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 1:
