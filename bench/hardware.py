@@ -234,12 +234,16 @@ def _batch_size(batch: Any) -> int:
 # --- measuring -------------------------------------------------------------------------
 
 
-def _model(block: str, backbone: str, channels_last: bool) -> torch.nn.Module:
+def _model(block: str, backbone: str, channels_last: bool, device: str) -> torch.nn.Module:
     from bench.config import compose, resolve  # the real attention file of the block
     from bench.lit import build_model
 
-    config = resolve(compose([f"attention={block}", f"model={backbone}", "data.root=unused"]))
+    overrides = [f"attention={block}", f"model={backbone}", "data.root=unused"]
+    if not backbone.endswith("_cifar"):
+        overrides.append("model.cifar_stem=true")  # 32 px inputs, as the CIFAR protocols
+    config = resolve(compose(overrides))
     model, _ = build_model(config["model"], config["attention"]["placements"], 10)
+    model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -251,51 +255,58 @@ def time_steps(
     steps: int = 7,
     compile: bool = False,
     channels_last: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Seconds per training step (forward + loss under autocast as Lightning's
     ``bf16-mixed`` runs it, backward, SGD step) of ``block`` on ``backbone``, fp32 and
     bf16 interleaved (the order flips every step, so drift hits both); medians.
     With ``compile``, bf16 steps of the compiled model against eager ones, and the seconds
-    the first compiled training step and the first compiled eval forward took."""
+    the first compiled training step and the first compiled eval forward took. 32 px
+    inputs, 10 classes; ``device`` ``cuda`` synchronises around every step."""
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32)
+    kind = torch.device(device).type
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def build() -> torch.nn.Module:
+        return _model(block, backbone, channels_last, device)
 
     def stepper(model: torch.nn.Module, bf16: bool):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
         def step() -> float:
+            sync()
             start = time.perf_counter()
             model.train()
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else None
+            autocast = torch.autocast(kind, dtype=torch.bfloat16) if bf16 else None
             with autocast or contextlib.nullcontext():
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            sync()
             return time.perf_counter() - start
 
         return step
 
     result: dict[str, Any] = {"block": block, "backbone": backbone, "batch": batch}
     if compile:
-        eager = _model(block, backbone, channels_last)
-        compiled = _model(block, backbone, channels_last)
+        torch._dynamo.reset()  # models compiled before in this process count to its limits
+        compiled = build()
         compiled.compile()
-        sides = {"eager_bf16": stepper(eager, True), "compiled_bf16": stepper(compiled, True)}
+        sides = {"eager_bf16": stepper(build(), True), "compiled_bf16": stepper(compiled, True)}
         result["compile_train_s"] = sides["compiled_bf16"]()
         compiled.eval()
         start = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16):
             compiled(x)
+        sync()
         result["compile_eval_s"] = time.perf_counter() - start
     else:
-        sides = {
-            "fp32": stepper(_model(block, backbone, channels_last), False),
-            "bf16": stepper(_model(block, backbone, channels_last), True),
-        }
+        sides = {"fp32": stepper(build(), False), "bf16": stepper(build(), True)}
     for fn in sides.values():  # warm-up (oneDNN primitive caches, allocator)
         fn()
     samples: dict[str, list[float]] = {name: [] for name in sides}
@@ -327,13 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet20_cifar")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=7, help="timed steps per side")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     print(_describe(), flush=True)
     if not args.time:
         return 0
     for block in args.blocks.split(","):
         row = time_steps(
-            block, backbone=args.backbone, batch=args.batch, steps=args.steps, compile=args.compile
+            block,
+            backbone=args.backbone,
+            batch=args.batch,
+            steps=args.steps,
+            compile=args.compile,
+            device=args.device,
         )
         if args.compile:
             ratio = row["eager_bf16_s"] / row["compiled_bf16_s"]
