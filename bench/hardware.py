@@ -99,6 +99,20 @@ def device_type(accelerator: Any) -> str:
     return "cpu" if accelerator in ("auto", "cpu") else str(accelerator)
 
 
+# bf16-mixed against fp32 on the project's 2-core AMD EPYC (avx512_bf16), measured with
+# ``python -m bench.hardware --time --steps 9``: ResNet-20 training steps, batch 256,
+# channels_last, interleaved medians, seconds per step fp32 -> bf16, twice (the first
+# while other jobs loaded the two cores to ~6, the second to ~2-3):
+#   none  3.46 -> 2.31 (1.50x) | 1.37 -> 0.93 (1.48x)
+#   se    5.05 -> 3.42 (1.48x) | 1.67 -> 1.18 (1.42x)
+#   eca   4.81 -> 2.68 (1.79x) | 1.65 -> 1.09 (1.52x)
+#   cbam 13.01 -> 13.44 (0.97x) | 2.50 -> 2.05 (1.22x)
+#   gc    4.53 -> 5.79 (0.78x) | 1.66 -> 7.80 (0.21x)
+# So auto's bf16 pays for the plain network, SE and ECA, less for CBAM, and GC is slower
+# in bf16 on this CPU (cause not found: its activations stay channels_last; the profile is
+# dominated by convolution backward and batch norm). ``precision=32`` for GC on a CPU.
+
+
 def auto_precision(accelerator: Any, cpuinfo: str | None = None) -> str:
     """What ``precision: auto`` means for ``accelerator`` on this machine."""
     kind = device_type(accelerator)
@@ -125,10 +139,29 @@ def resolve_precision(value: Any, accelerator: Any, cpuinfo: str | None = None) 
 # --- torch.compile ---------------------------------------------------------------------
 
 # Where torch.compile pays, compile time included: (device type, precision, backbone,
-# block) -> whether ``compile: auto`` compiles. A key that is not here was not measured
-# and stays eager. Measured with ``python -m bench.hardware --time --compile`` (see
-# ``time_steps``), training steps of batch 256, channels_last, bf16-mixed; filled in below.
-COMPILE_PAYS: dict[tuple[str, str, str, str], bool] = {}
+# blocks) -> whether ``compile: auto`` compiles. A key that is not here was not measured
+# and stays eager (every GPU key, until ``bench.gpu_check --compile`` has run).
+#
+# CPU, measured with ``python -m bench.hardware --time --compile --steps 5`` on the
+# project's 2-core AMD EPYC (avx512_bf16), torch 2.14.1: ResNet-20, batch 256,
+# channels_last, bf16-mixed, eager and compiled steps interleaved, medians. Other jobs
+# shared the two cores (load 5-6), so absolute times are ~5-10x a quiet machine's and
+# the ratios are noisy. Seconds per step eager -> compiled; compile = the first compiled
+# training step + the first compiled eval forward (inductor's C++ builds):
+#   none   4.67 ->  8.90 (0.52x)  compile 101 + 21 s   never pays
+#   se     5.55 ->  2.89 (1.92x)  compile 164 + 39 s   repaid after ~76 steps
+#   eca    7.77 ->  6.29 (1.23x)  compile  85 + 32 s   repaid after ~80 steps
+#   cbam  15.48 -> 11.39 (1.36x)  compile 187 + 43 s   repaid after ~56 steps
+#   gc     not measured (that run hit dynamo's recompile limit; time_steps now resets it)
+# Rule: compile where the speed-up is at least 1.2x (beyond these measurements' noise)
+# and the compile time is repaid within 300 steps (a cpu-protocol run has 1,365). The cpu
+# protocol itself sets compile: false and precision 32, so this changes none of its runs.
+COMPILE_PAYS: dict[tuple[str, str, str, str], bool] = {
+    ("cpu", "bf16-mixed", "resnet20_cifar", "none"): False,
+    ("cpu", "bf16-mixed", "resnet20_cifar", "se"): True,
+    ("cpu", "bf16-mixed", "resnet20_cifar", "eca"): True,
+    ("cpu", "bf16-mixed", "resnet20_cifar", "cbam"): True,
+}
 
 
 def placement_blocks(placements: Sequence[Mapping[str, Any]] | None) -> str:
