@@ -15,7 +15,8 @@ The figures (``make figures``, into ``results/figures/``):
 - ``excitation_se.png``: SENet's Fig. 6 (Sec. 7.2). The mean excitation of every channel
   over the test images of a few classes, and over all of them, for each SE block, one
   panel per block (rows: stages, columns: units); each panel's title gives the block's
-  class specificity (``bench.analysis.class_specificity``).
+  class specificity (``bench.analysis.class_specificity``) and how many hidden units of
+  its excitation MLP fire (``bench.analysis.hidden_activity``).
 - ``class_specificity.png``: that number by depth for every model with channel gates
   (SE, CBAM's channel attention, ECA).
 - ``attention_maps.png``: CBAM's Fig. 4 and its spatial gates. Test images (one per
@@ -67,6 +68,7 @@ from bench.analysis import (
     collect,
     empirical_receptive_field,
     grad_cam,
+    hidden_activity,
     load_run,
     query_independence,
     select,
@@ -383,10 +385,13 @@ def excitation_figure(
     ``EXCITATION_CLASSES``) and over all images.
 
     ``excitations``: ``class_excitations(model, images)`` if already computed (every class,
-    so that the specificity counts them all). Returns ``{"excitations": [...],
-    "specificity": {block path: float}, "classes": [shown labels]}``."""
+    so that the specificity counts them all). Each panel's title also says how many of the
+    block's hidden MLP units fire (``bench.analysis.hidden_activity``), where it has an MLP.
+    Returns ``{"excitations": [...], "specificity": {block path: float}, "activity":
+    {block path: HiddenActivity}, "classes": [shown labels]}``."""
     if excitations is None:
         excitations = class_excitations(trained.model, images.batches())
+    activity = hidden_activity(trained.model, images.batches())
     shown = _class_labels(images, classes)
     rows_of: dict[int | None, list[ClassExcitation]] = {}
     for ex in excitations:
@@ -428,7 +433,11 @@ def excitation_figure(
                 label="all classes",
             )
             _, short = _unit_of(ex.path)
-            ax.set_title(f"block {short}: specificity {ex.specificity:.3f}", fontsize=9)
+            title = f"block {short}: specificity {ex.specificity:.3f}"
+            if ex.path in activity:
+                act = activity[ex.path]
+                title += f"\nhidden units firing: {act.active}/{act.units} ({act.fraction:.0%})"
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("channel index", fontsize=8)
             ax.set_ylabel("mean excitation", fontsize=8)
             ax.set_xlim(0, len(channels) - 1)
@@ -446,6 +455,7 @@ def excitation_figure(
     return {
         "excitations": list(excitations),
         "specificity": {ex.path: ex.specificity for ex in excitations},
+        "activity": activity,
         "classes": shown,
     }
 
@@ -1158,6 +1168,17 @@ def specificity_markdown(
     return "\n".join(_md_table(header, rows))
 
 
+def activity_markdown(activity: Mapping[str, Any]) -> str:
+    """``hidden_activity``'s numbers: per block, its hidden units, how many fire on some
+    image, and how often a unit fires."""
+    rows = [
+        [_unit_of(path)[1], str(a.units), str(a.active), f"{a.fraction:.0%}"]
+        for path, a in activity.items()
+    ]
+    header = ["block", "hidden units", "firing on some image", "mean fraction firing"]
+    return "\n".join(_md_table(header, rows))
+
+
 def attention_maps_markdown(numbers: Mapping[str, Any], models: Mapping[str, TrainedModel]) -> str:
     """``attention_maps_figure``'s numbers: each model's mean probability of the true class
     and how many of the shown images it gets right."""
@@ -1245,6 +1266,13 @@ def figures_readme(
             "each class. Class specificity: mean over channels of the standard deviation "
             "across the classes of the class-mean gate (0: every class gets the same "
             "gates).\n\n" + specificity_markdown(numbers["class_specificity"], models)
+        )
+    if numbers.get("excitation_se", {}).get("activity"):
+        sections.append(
+            "Hidden units of SE's excitation MLP (C -> C/16 -> C: 1, 2 and 4 units in "
+            "ResNet-20's stages) that fire (ReLU output > 0) on the test images; a block "
+            "whose units never fire gives every image the same gate, sigmoid(bias):\n\n"
+            + activity_markdown(numbers["excitation_se"]["activity"])
         )
     if "attention_maps" in numbers:
         sections.append(

@@ -10,11 +10,19 @@ import torch
 from PIL import Image
 
 from bench import figures
-from bench.analysis import class_specificity, collect, load_run, query_independence
+from bench.analysis import (
+    class_specificity,
+    collect,
+    hidden_activity,
+    load_run,
+    query_independence,
+)
 from bench.config import compose, resolve
 from bench.data import CIFAR10_MEAN, CIFAR10_STD, normalize
 from bench.records import RunRecord, load_records, run_id, write_record
 from bench.tables import build_tables
+from modules import build_backbone, inject
+from modules.parts import ChannelMLP
 
 CLASSES = ("airplane", "cat", "frog", "ship", "truck")
 SIZE = 16  # images: ResNet-20's stages then see 16, 8 and 4 pixels
@@ -129,6 +137,10 @@ def test_excitation_and_specificity_figures(tiny, tmp_path):
     for ex in excitations:
         assert ex.classes == tuple(range(len(CLASSES)))  # specificity over every class
         assert numbers["specificity"][ex.path] == class_specificity(ex.mean) > 0
+    activity = numbers["activity"]  # SE's bottleneck: 16/16, 32/16, 64/16 hidden units
+    assert list(activity) == [ex.path for ex in excitations]
+    assert [a.units for a in activity.values()] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert "| 3.2 | 4 |" in figures.activity_markdown(activity)
     by_model = {name: figures.class_excitations(tiny["models"][name].model, images.batches())
                 for name in figures.CHANNEL_GATED}  # fmt: skip
     labels = {name: name.upper() for name in by_model}
@@ -136,6 +148,25 @@ def test_excitation_and_specificity_figures(tiny, tmp_path):
     assert_png(tmp_path / "spec.png")
     assert spec["se"] == [(ex.path, ex.specificity) for ex in excitations]
     assert [len(v) for v in spec.values()] == [9, 9, 9]
+
+
+@pytest.mark.parametrize("block", ["se", "cbam"])
+def test_hidden_activity_counts_the_units_that_fire(block):
+    model = build_backbone("resnet20_cifar", num_classes=3, zero_init_last=False)
+    inject(model, [{"block": block, "stages": [3], "blocks": "first"}])
+    images = torch.randn(6, 3, 16, 16)
+    (mlp,) = [m for m in model.modules() if isinstance(m, ChannelMLP)]
+    with torch.no_grad():
+        mlp[0].weight.zero_()
+        mlp[0].bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0]))  # two units always on
+    (activity,) = hidden_activity(model, [images]).values()
+    assert activity.path == "layer3.0.se.attention.0" and activity.units == 4  # the se slot
+    assert activity.active == 2 and activity.fraction == 0.5
+    with torch.no_grad():
+        mlp[0].bias.fill_(-1.0)  # a dead bottleneck: the gate is sigmoid(bias) for all
+    (dead,) = hidden_activity(model, [(images, torch.zeros(6))]).values()
+    assert dead.active == 0 and dead.fraction == 0.0
+    assert hidden_activity(build_backbone("resnet20_cifar"), [images]) == {}
 
 
 def test_attention_maps_figure(tiny, tmp_path):

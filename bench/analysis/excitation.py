@@ -8,6 +8,9 @@ ones become class-specific, and the last stage's saturate.
 ``class_excitations(model, batches)`` accumulates the class-mean gate of every injected
 block with a channel gate (``collect``'s ``"channel"`` outputs, so also ECA, CBAM, ...);
 ``class_specificity`` turns one block's class means into one number.
+``hidden_activity`` says how many hidden units of each excitation MLP (SE's and CBAM's
+``channels -> channels / r -> channels``) ever fire: on a narrow network the bottleneck
+is one to four units, and a dead one leaves a gate that is the same for every image.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from modules import attention_modules
+from modules.parts import ChannelMLP
+
 from .collect import collect
+from .common import evaluating, model_device
 
 
 def class_specificity(class_means: Tensor) -> float:
@@ -108,3 +115,54 @@ def class_excitations(
         )
         for path, per_class in sums.items()
     ]
+
+
+@dataclass(frozen=True)
+class HiddenActivity:
+    """The hidden layer of one block's excitation MLP(s) on a set of images."""
+
+    path: str  # the block's path
+    units: int  # hidden units (of all its MLPs)
+    active: int  # units with a positive ReLU output on at least one image
+    fraction: float  # mean over images and units of (output > 0)
+
+
+def hidden_activity(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor] | Tensor]
+) -> dict[str, HiddenActivity]:
+    """How much of every excitation MLP's bottleneck (``modules.parts.ChannelMLP``, the
+    ``C -> C/r -> C`` MLP of SE and CBAM) is in use: per injected block, its hidden units,
+    how many fire (ReLU output > 0) on some image, and the mean fraction that fire.
+    ``batches``: images, or ``(images, labels)`` pairs. Blocks without such an MLP are
+    left out. Runs in eval mode without gradients; modes are restored."""
+    outputs: dict[str, list[Tensor]] = {}
+    handles = []
+    for path, block in attention_modules(model):
+        for module in block.modules():
+            if isinstance(module, ChannelMLP):
+
+                def hook(mod, args, out, path=path):
+                    outputs.setdefault(path, []).append(out.detach().flatten(1).cpu())
+
+                handles.append(module[1].register_forward_hook(hook))
+    try:
+        with evaluating(model), torch.no_grad():
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(images.to(model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for path, chunks in outputs.items():
+        # rows: one per image and pooled descriptor (CBAM sends its average and max
+        # descriptors through the MLP as one batch), columns: the hidden units
+        rows = torch.cat(chunks)
+        fires = rows > 0
+        result[path] = HiddenActivity(
+            path=path,
+            units=rows.shape[1],
+            active=int(fires.any(dim=0).sum()),
+            fraction=fires.float().mean().item(),
+        )
+    return result
