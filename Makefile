@@ -11,10 +11,16 @@ SWEEP_ARGS ?=
 # make train: Hydra overrides, e.g. TRAIN_ARGS='attention=cbam seed=1'
 TRAIN_ARGS ?=
 PROFILE_ARGS ?=
+# make tables: e.g. TABLES_ARGS='--runs outputs/smoke-runs --out /tmp/tables'
+TABLES_ARGS ?=
+# make bench: e.g. BENCH_ARGS='--quick' or '--sections model'
+BENCH_ARGS ?=
+# make gpu-check: e.g. GPU_CHECK_ARGS='--compile none,se' or '--dry-run'
+GPU_CHECK_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint format profile paper-costs train sweep wandb-sweep \
-        wandb-sync tables costs bench
+        wandb-sync tables costs bench cpu-protocol gpu-check figures notebooks
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,7 +55,7 @@ train: $(STAMP)  ## one training run (default: ResNet-20, offline CIFAR-10, cpu 
 sweep: $(STAMP)  ## run one ablation, resumable: ABLATION=... PROTOCOL=smoke|cpu|cifar|imagenet SEEDS=0,1 SWEEP_ARGS=...
 	$(PY) -m bench.sweep $(ABLATION) --protocol $(PROTOCOL) --seeds $(SEEDS) $(SWEEP_ARGS)
 
-wandb-sweep: $(STAMP)  ## write a W&B grid sweep file for ABLATION to sweeps/$(ABLATION).yaml
+wandb-sweep: $(STAMP)  ## W&B grid sweep file sweeps/$(ABLATION).yaml; needs a real PROTOCOL=cpu|cifar|imagenet
 	$(PY) -m bench.sweep $(ABLATION) --protocol $(PROTOCOL) --seeds $(SEEDS) \
 		--wandb-sweep sweeps/$(ABLATION).yaml $(SWEEP_ARGS)
 
@@ -58,11 +64,23 @@ wandb-sync: $(STAMP)  ## upload every offline W&B run under outputs/ (needs `wan
 	if [ -z "$$runs" ]; then echo "no offline W&B runs under outputs/"; exit 0; fi; \
 	for run in $$runs; do $(VENV)/bin/wandb sync "$$run" || exit 1; done
 
-tables: $(STAMP)  ## results/runs/**.json -> results/tables/*.{md,csv,tex,png} + results/README.md
-	$(PY) -m bench.tables
+tables: $(STAMP)  ## results/runs/**.json -> results/tables/*.{md,csv,tex,png} + results/README.md (TABLES_ARGS=...)
+	$(PY) -m bench.tables $(TABLES_ARGS)
 
 costs: $(STAMP)  ## params/GMACs of every ablation variant without training -> cost records + tables
 	$(PY) -m bench.costs
 
-bench: $(STAMP)  ## the cpu protocol benchmark: ResNet-20 on the full offline CIFAR-10, ~15 min on 2 cores
-	$(PY) -m bench.train protocol=cpu model=resnet20_cifar data=cifar10_images attention=none
+bench: $(STAMP)  ## speed report against timm -> results/bench/cpu.{md,csv} (~15 min on 2 cores; BENCH_ARGS=--quick)
+	$(PY) -m bench.speed $(BENCH_ARGS)
+
+cpu-protocol: $(STAMP)  ## the cpu protocol's own benchmark: ResNet-20 on the full CIFAR-10, ~15 min on 2 cores
+	$(PY) -m bench.train protocol=cpu attention=none
+
+gpu-check: $(STAMP)  ## one GPU, <8 min: speed report + a cifar_fast run -> results/bench/gpu-<device>.md (GPU_CHECK_ARGS=--dry-run on a CPU)
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+figures: $(STAMP)  ## the papers' pictures from the committed weights and records -> results/figures/*.png
+	$(PY) -m bench.figures
+
+notebooks: $(STAMP)  ## execute notebooks/*.ipynb headless, in place (outputs of the committed runs)
+	$(PY) -m bench.figures notebooks
