@@ -84,6 +84,8 @@ CHANNEL_GATED = ("se", "cbam", "eca")
 GRADCAM_MODELS = ("none", "se", "cbam", "eca")
 # SENet's Fig. 6 shows four classes; ours mixes vehicles and animals.
 EXCITATION_CLASSES = ("airplane", "cat", "frog", "ship")
+# ParseNet's measurement: images (the first of each class) and noise draws per position
+RF_IMAGES, RF_TRIALS = 6, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
 
 BLOCK_LABELS = {
@@ -351,6 +353,11 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def _pct(fraction: float) -> str:
+    """A fraction as a whole percentage, but never rounding a nonzero one to 0%."""
+    return "<1%" if 0 < fraction < 0.005 else f"{fraction:.0%}"
+
+
 def _no_ticks(ax) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -436,7 +443,7 @@ def excitation_figure(
             title = f"block {short}: specificity {ex.specificity:.3f}"
             if ex.path in activity:
                 act = activity[ex.path]
-                title += f"\nhidden units firing: {act.active}/{act.units} ({act.fraction:.0%})"
+                title += f"\nhidden units firing: {act.active}/{act.units} ({_pct(act.fraction)})"
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("channel index", fontsize=8)
             ax.set_ylabel("mean excitation", fontsize=8)
@@ -1086,8 +1093,8 @@ def make_figures(
     runs: str | os.PathLike | None = "results/runs",
     *,
     per_class: int = 100,
-    rf_images: int = 4,
-    rf_trials: int = 1,
+    rf_images: int = RF_IMAGES,
+    rf_trials: int = RF_TRIALS,
     log=print,
 ) -> dict[str, Any]:
     """Every figure of the module docstring into ``out``, and ``out/README.md``; returns
@@ -1172,7 +1179,7 @@ def activity_markdown(activity: Mapping[str, Any]) -> str:
     """``hidden_activity``'s numbers: per block, its hidden units, how many fire on some
     image, and how often a unit fires."""
     rows = [
-        [_unit_of(path)[1], str(a.units), str(a.active), f"{a.fraction:.0%}"]
+        [_unit_of(path)[1], str(a.units), str(a.active), _pct(a.fraction)]
         for path, a in activity.items()
     ]
     header = ["block", "hidden units", "firing on some image", "mean fraction firing"]
@@ -1402,14 +1409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rf-images",
         type=int,
-        default=4,
-        help="images (one per class) for the receptive fields (default 4)",
+        default=RF_IMAGES,
+        help=f"images (one per class) for the receptive fields (default {RF_IMAGES})",
     )
     parser.add_argument(
         "--rf-trials",
         type=int,
-        default=1,
-        help="noise draws per position for the receptive fields (default 1)",
+        default=RF_TRIALS,
+        help=f"noise draws per position for the receptive fields (default {RF_TRIALS})",
     )
     args = parser.parse_args(argv)
     try:
