@@ -206,10 +206,10 @@ class TrainedModel:
         return self.record.get("top1")
 
     @property
-    def schedule(self) -> str:
+    def recipe(self) -> str:
         """How it was trained, e.g. ``2 epochs (cpu protocol, max_epochs=2: SGD (Nesterov) lr
-        0.3, batch 256, 1 warmup epoch + cosine, label smoothing 0.1), top-1 70.12%, 9.5
-        min`` (epochs trained, the recipe from the run's config, its top-1 and wall time)."""
+        0.3, batch 256, 1 warmup epoch + cosine, label smoothing 0.1)``: the epochs trained
+        and the recipe, from the run's record and config."""
         config, record = self.config, self.record
         protocol = config.get("protocol", {}) or {}
         optim = config.get("optim", {}) or {}
@@ -234,12 +234,27 @@ class TrainedModel:
         if smoothing:
             recipe.append(f"label smoothing {smoothing:g}")
         text = f"{record.get('epochs', '?')} epochs ({', '.join(parts)}"
-        text += f": {', '.join(recipe)})" if recipe else ")"
+        return text + (f": {', '.join(recipe)})" if recipe else ")")
+
+    @property
+    def schedule(self) -> str:
+        """``recipe``, the run's top-1 and its wall time: ``2 epochs (...), top-1 70.12%,
+        9.5 min``."""
+        record, text = self.record, self.recipe
         if self.top1 is not None:
             text += f", top-1 {self.top1:.2f}%"
         if record.get("wall_time_s"):
             text += f", {record['wall_time_s'] / 60:.1f} min"
         return text
+
+
+def models_note(models: Mapping[str, TrainedModel], names: Sequence[str] | None = None) -> str:
+    """Two lines for a figure of several models: how they were trained (each distinct
+    recipe once) and each one's top-1."""
+    chosen = [models[name] for name in (models if names is None else names)]
+    recipes = "; ".join(dict.fromkeys(m.recipe for m in chosen))
+    tops = ", ".join(f"{m.label} {m.top1:.2f}%" for m in chosen if m.top1 is not None)
+    return f"{recipes}\ntop-1: {tops}" if tops else recipes
 
 
 def export_weights(
@@ -473,17 +488,19 @@ def specificity_figure(
     path: str | os.PathLike,
     *,
     title: str = "",
+    note: str = "",
 ) -> dict[str, list[tuple[str, float]]]:
     """Class specificity by depth, one line per model (``excitations``: model name ->
     ``class_excitations`` of it; ``labels``: model name -> legend text). Blocks are placed
     by their path, in the order the first model has them. Returns model name ->
-    ``[(block path, specificity), ...]``."""
+    ``[(block path, specificity), ...]``. ``note``: more lines under the title (e.g.
+    ``models_note``)."""
     order: list[str] = []
     for exs in excitations.values():
         order += [ex.path for ex in exs if ex.path not in order]
     numbers = {name: [(ex.path, ex.specificity) for ex in exs] for name, exs in excitations.items()}
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(order) + 3), 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(10.0, 0.6 * len(order) + 3), 4.4), layout="constrained")
     for i, (name, values) in enumerate(numbers.items()):
         xs = [order.index(p) for p, _ in values]
         ax.plot(
@@ -506,7 +523,8 @@ def specificity_figure(
     ax.set_xticks(range(len(order)), [_unit_of(p)[1] for p in order], fontsize=8)
     ax.set_xlabel("block (stage.unit), input side to output side")
     ax.set_ylabel("class specificity\n(mean over channels of std across classes)")
-    ax.set_title(title or "How class-specific the channel gates are, by depth", fontsize=10)
+    title = title or "How class-specific the channel gates are, by depth"
+    ax.set_title(f"{title}\n{note}" if note else title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -613,11 +631,7 @@ def attention_maps_figure(
     fig.suptitle(
         "Grad-CAM (CBAM Fig. 4) and CBAM's spatial attention on CIFAR-10 test images; "
         "p: probability of the true class\n"
-        + "; ".join(
-            f"{models[n].label}: top-1 {models[n].top1:.2f}%"
-            for n in dict.fromkeys([*gradcam, *([spatial] if spatial else [])])
-            if models[n].top1 is not None
-        ),
+        + models_note(models, list(dict.fromkeys([*gradcam, *([spatial] if spatial else [])]))),
         fontsize=9,
     )
     _save(fig, path)
@@ -909,7 +923,8 @@ def receptive_field_figure(
     )  # fmt: skip
     fig.suptitle(
         f"ParseNet Fig. 2: a 1-pixel noise patch ({_plural(trials, 'draw')} per position) slid "
-        f"over {_plural(len(images), 'test image')}; top row: {models[reference].label}",
+        f"over {_plural(len(images), 'test image')}; top row: {models[reference].label}\n"
+        + models_note(models),
         fontsize=10,
     )
     _save(fig, path)
@@ -1121,6 +1136,7 @@ def make_figures(
         {name: models[name].label for name in excitations},
         out / "class_specificity.png",
         title=f"Class specificity of the channel gates by depth, {len(images)} test images",
+        note=models_note(models, CHANNEL_GATED),
     )
     log("class_specificity.png")
     numbers["attention_maps"] = attention_maps_figure(models, shown, out / "attention_maps.png")

@@ -119,7 +119,9 @@ def test_exported_weights_load_into_the_model_of_their_record(tiny):
     trained = tiny["models"]["se"]
     assert trained.label == "ResNet-20 + SE" and trained.block == "se" and trained.top1 == 41.0
     assert trained.schedule.startswith("2 epochs (cpu protocol, max_epochs=2: SGD (Nesterov)")
-    assert "top-1 41.00%" in trained.schedule
+    assert "top-1 41.00%" in trained.schedule and trained.schedule.startswith(trained.recipe)
+    note = figures.models_note(tiny["models"], ["none", "se"])
+    assert note == f"{trained.recipe}\ntop-1: ResNet-20 40.00%, ResNet-20 + SE 41.00%"
     x = tiny["images"].inputs[:2]
     again = load_run(json.loads((weights / "se.json").read_text()), weights / "se.pt")
     with torch.no_grad():
