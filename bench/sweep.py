@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench.config import ConfigError, check, check_choice, compose, group_options, resolve
@@ -298,6 +299,8 @@ class SweepProgress(Callback):
         )
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:  # a single run has Lightning's own bar
+            return
         index = config.hydra.job.num + 1
         shown = [
             o

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import bench.config
@@ -253,6 +254,7 @@ def test_progress_line_and_resume_check(tmp_path, capsys):
     assert sweep.completed_run(run.config)
     config = compose(run.overrides, hydra_config=True)
     OmegaConf.set_struct(config, False)
+    config.hydra.mode = RunMode.MULTIRUN
     config.hydra.job.num = 2
     config.hydra.overrides.task = ["attention.order=parallel", "seed=0"]
     progress = sweep.SweepProgress()
@@ -419,3 +421,9 @@ def test_missing_data_stops_the_sweep_before_any_run(experiments, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing / "train") in err
     assert calls == []
+
+
+def test_a_single_run_prints_no_progress_line(capsys):
+    config = compose(["attention=se"], hydra_config=True)
+    sweep.SweepProgress().on_job_end(config, None)  # no job number in a single run
+    assert capsys.readouterr().out == ""
