@@ -75,9 +75,6 @@ from bench.variants import (
     variants_of,
 )
 
-IMAGENET_DATASETS = ("imagenet",)
-
-
 # --- reading records -------------------------------------------------------------------
 
 

@@ -313,7 +313,7 @@ def keep_final_weights(run_dir: Path, model: torch.nn.Module, keep: str) -> None
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunRecord:
     """Run the training ``cfg`` describes (a composed experiments/train.yaml) and return
     its record. ``callbacks`` are added to the Trainer's (tests use this)."""
     config = check(cfg)
