@@ -45,8 +45,11 @@ def same_value(a, b) -> bool:
 
 
 # Config paths that name the setting a run was trained under, in the order they appear in
-# its name. A path that is an axis of the ablation is left out of the name.
-SETTING_KEYS = ("protocol.name", "data.name", "model.name")
+# its name. A path that is an axis of the ablation is left out of the name. A protocol
+# whose recipe changed carries protocol.version (shown as ``v2``), so runs of the old and
+# the new recipe land in separate tables; records without one are the first version.
+SETTING_KEYS = ("protocol.name", "protocol.version", "data.name", "model.name")
+SETTING_PREFIXES = {"protocol.version": "v"}
 
 
 def setting_of(config: Mapping) -> str:
@@ -58,7 +61,7 @@ def setting_of(config: Mapping) -> str:
             continue
         value = config_value(config, key)
         if value is not None:
-            parts.append(str(value))
+            parts.append(SETTING_PREFIXES.get(key, "") + str(value))
     name = "-".join(parts) or "default"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 

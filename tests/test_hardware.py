@@ -51,8 +51,14 @@ def test_resolve_turns_auto_into_what_runs(monkeypatch):
     auto = resolve(compose(["protocol=smoke", "trainer.precision=auto"]))
     explicit = resolve(compose(["protocol=smoke", "trainer.precision=bf16-mixed"]))
     assert run_id(auto) == run_id(explicit)
-    # Explicit values pass through, integers stay integers (the cpu protocol's 32).
-    assert resolve(compose(["protocol=cpu"]))["trainer"]["precision"] == 32
+    # Explicit values pass through, integers stay integers.
+    assert resolve(compose(["protocol=cpu", "trainer.precision=32"]))["trainer"]["precision"] == 32
+    # The cpu protocol (version 2) follows the machine: bf16-mixed and compiled SE where
+    # the CPU has native bf16, fp32 and eager elsewhere.
+    for native, precision, compiled in ((True, "bf16-mixed", True), (False, "32", False)):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda cpuinfo=None, n=native: n)
+        trainer = resolve(compose(["protocol=cpu", "attention=se"]))["trainer"]
+        assert (trainer["precision"], trainer["compile"]) == (precision, compiled)
 
 
 def test_bad_precision_or_compile_is_one_line():

@@ -25,14 +25,16 @@ VARIANTS = [
 ]  # fmt: skip
 
 
-def make_record(order, seed, top1, top5, *, protocol="cpu", data="imagenet", status="done"):
+def make_record(
+    order, seed, top1, top5, *, protocol="cpu", data="imagenet", status="done", version=None
+):
     config = {
         "ablation": "cbam_arrangement",
         "seed": seed,
         "attention": {"block": "cbam", "order": order},
         "model": {"name": "resnet50"},
         "data": {"name": data},
-        "protocol": {"name": protocol},
+        "protocol": {"name": protocol} | ({"version": version} if version else {}),
         "paper": {"name": "cbam", "table": "arrangement"},
         "source": "CBAM Table 3",
         "variants": VARIANTS,
@@ -86,6 +88,22 @@ def synthetic(tmp_path) -> Path:
 def _table(built, setting):
     (table,) = [t for t in built if t.setting == setting]
     return table
+
+
+def test_a_new_protocol_version_is_its_own_setting(tmp_path):
+    """Runs of a protocol's new recipe are never averaged with the old recipe's runs."""
+    write_records(
+        tmp_path,
+        [
+            make_record("channel_spatial", 0, 77.0, 93.0),
+            make_record("channel_spatial", 0, 88.0, 98.0, version=2),
+            make_record("channel_spatial", 1, 89.0, 98.0, version=2),
+        ],
+    )
+    built = tables.build_tables(tables.load_records(tmp_path / "runs"))
+    old, new = _table(built, "cpu-imagenet-resnet50"), _table(built, "cpu-v2-imagenet-resnet50")
+    assert old.rows[0].top1.n == 1 and old.rows[0].top1.mean == 77.0
+    assert new.rows[0].top1.n == 2 and new.rows[0].top1.mean == pytest.approx(88.5)
 
 
 def test_aggregates_mean_std_n_and_paper_delta(synthetic):
