@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -35,7 +36,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+# Steps between bar updates when the output is a file (a background sweep's log), where
+# every update is appended rather than redrawn: a few lines per epoch, not one per step.
+LOG_REFRESH_STEPS = 100
+
+
 def progress_bar(in_sweep: bool) -> TQDMProgressBar:
     """Lightning's bar; in a sweep its epoch bars are cleared when done, so what stays on
-    the screen is the sweep's one line per run."""
-    return TQDMProgressBar(leave=not in_sweep)
+    the screen is the sweep's one line per run. Written to a file, it updates every
+    ``LOG_REFRESH_STEPS`` steps."""
+    refresh = 1 if sys.stdout.isatty() else LOG_REFRESH_STEPS
+    return TQDMProgressBar(refresh_rate=refresh, leave=not in_sweep)

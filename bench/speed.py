@@ -5,7 +5,7 @@
     python -m bench.speed --quick            # tiny sizes, seconds (what the test runs)
 
 Writes ``<out>/<device>.md`` and ``<out>/<device>.csv`` (``cpu``, or ``gpu-<name slug>``)
-with three measurements and the targets they are held to:
+with four measurements and the targets they are held to:
 
 1. Model throughput. Training steps (forward, backward, SGD step) and inference
    (``inference_mode`` forward) in images/s, and the peak memory of one step, for
@@ -26,6 +26,9 @@ with three measurements and the targets they are held to:
    ``scaled_dot_product_attention`` through ``modules.parts.softmax_attention``) against
    the same block with that one call swapped for the explicit ``softmax(q k^T) v``
    (``explicit_attention``; the two outputs are checked to agree first).
+4. The training loop (CPU only): the ``cpu`` protocol's end-to-end training throughput
+   against the step of its model alone, per block of ``cifar_blocks``
+   (``bench.loop_speed``), and the protocol's full runs where records exist.
 
 Timing: every pair is warmed up, then timed interleaved (ours, timm, timm, ours, ...: the
 order flips each repeat, so drift hits both sides), each repeat runs enough iterations
@@ -57,7 +60,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +72,7 @@ from timm.layers import EcaModule, GlobalContext, SEModule
 from timm.layers.cbam import CbamModule
 from torch import nn
 
+from bench.loop_speed import LOOP_BLOCKS, LOOP_TARGET, loop_rows
 from bench.profile import default_position
 from modules import build_attention, build_backbone, inject
 
@@ -707,7 +711,9 @@ def _verdict(met: bool, gap_pct: float, noise_pct: float) -> str:
     return "missed (within noise)" if gap_pct <= noise_pct else "missed"
 
 
-def target_rows(models: list[dict], blocks: list[dict], sdpa: list[dict]) -> list[dict]:
+def target_rows(
+    models: list[dict], blocks: list[dict], sdpa: list[dict], loops: Sequence[dict] = ()
+) -> list[dict]:
     rows = []
     alone = {}  # block -> its forward+backward time ratios by stage, from section 2
     for row in blocks:
@@ -783,6 +789,28 @@ def target_rows(models: list[dict], blocks: list[dict], sdpa: list[dict]) -> lis
                     f"{row.get('fit_explicit_gb', '-')} (extrapolated); measured at "
                     f"{row['shape']}: SDPA {row['sdpa_peak_mb']} MB, explicit "
                     f"{row['explicit_peak_mb']} MB"
+                ),
+            }
+        )
+    for row in loops:
+        ratio = row["loop_ratio"]
+        gap = 100 * (LOOP_TARGET - ratio) / LOOP_TARGET
+        compiled = ", compiled" if row["compiled"] else ""
+        rows.append(
+            {
+                "section": "target",
+                "target": f"training loop >= {LOOP_TARGET}x the model-alone step",
+                "case": f"{row['protocol']} {row['block']} ({row['precision']}{compiled})",
+                "value": ratio,
+                "threshold": LOOP_TARGET,
+                "margin_pct": round(-gap, 1),
+                "noise_pct": row["model_iqr_pct"],
+                "verdict": _verdict(ratio >= LOOP_TARGET, gap, row["model_iqr_pct"]),
+                "note": (
+                    f"full runs: {row['full_img_s']} img/s, {row['full_ratio']}x "
+                    f"(n={row['full_runs']})"
+                    if row["full_runs"]
+                    else "no full runs of this protocol version recorded"
                 ),
             }
         )
@@ -902,6 +930,21 @@ FIT_COLUMNS = {
     "memory_limit_gb": "memory GiB",
     "fit_check": "tried for real",
 }
+LOOP_COLUMNS = {
+    "protocol": "protocol",
+    "block": "block",
+    "batch": "batch",
+    "precision": "precision",
+    "compiled": "compiled",
+    "loop_img_s": "loop img/s",
+    "model_img_s": "model alone img/s",
+    "model_iqr_pct": "IQR %",
+    "loop_ratio": "loop / model",
+    "full_img_s": "full runs img/s",
+    "full_runs": "n",
+    "full_ratio": "full / model",
+}
+
 TARGET_COLUMNS = {
     "case": "case",
     "value": "measured",
@@ -945,7 +988,7 @@ def _target_summary(targets: list[dict]) -> list[str]:
     return lines
 
 
-def render_markdown(meta: dict, models: list[dict], blocks, sdpa, targets) -> str:
+def render_markdown(meta: dict, models: list[dict], blocks, sdpa, loops, targets) -> str:
     out = [
         f"# Speed report: {meta['device']}",
         "",
@@ -1027,6 +1070,18 @@ def render_markdown(meta: dict, models: list[dict], blocks, sdpa, targets) -> st
         "",
         markdown_table(sdpa, FIT_COLUMNS),
         "",
+        "## 4. The training loop against the model alone",
+        "",
+        "The loop: a real `bench.train` run of the protocol (data, augmentation, metrics, "
+        "logging, LR schedule, callbacks), two epochs cut short, its second epoch timed "
+        "(compilation left out). The model alone: the same model, loss, optimizer, precision "
+        "and compilation stepped on one fixed batch in memory (median of the steps). Full "
+        "runs: the throughput recorded by the protocol's complete `cifar_blocks` runs of this "
+        "version and precision (epochs 2 to the last), where there are some. Sections 1-3 "
+        "run in float32; this one in the protocol's precision.",
+        "",
+        markdown_table(loops, LOOP_COLUMNS) if loops else "(not run on this device)",
+        "",
         "## Memory measure",
         "",
         "Peak memory is the peak of tensor memory allocated during one step above what was "
@@ -1057,7 +1112,17 @@ def write_report(out_dir: Path, slug: str, markdown: str, rows: list[dict]) -> t
     return md_path, csv_path
 
 
-SECTIONS = ("model", "block", "sdpa")
+SECTIONS = ("model", "block", "sdpa", "loop")
+
+
+def loop_section(run: Run, quick: bool) -> list[dict]:
+    """Section 4 on the CPU: the cpu protocol (quick: smoke, the plain net only)."""
+    if run.device.type != "cpu":
+        print("loop section: CPU only (make gpu-check runs cifar_fast itself)", file=sys.stderr)
+        return []
+    if quick:
+        return loop_rows("smoke", ("none",), train_batches=3, model_steps=3, tick=run.tick)
+    return loop_rows("cpu", tick=run.tick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1108,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": len(sizes.backbones) * len(BLOCKS) * 2,
         "block": len(MICRO_BLOCKS) * len(sizes.micro_shapes),
         "sdpa": len(SDPA_BLOCKS),
+        "loop": 1 if args.quick else len(LOOP_BLOCKS),
     }
     run = Run(device, sizes, args.channels_last, sum(counts[s] for s in sections))
     load_start = os.getloadavg()[0]
@@ -1115,7 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
     models = model_rows(run) if "model" in sections else []
     blocks = block_rows(run) if "block" in sections else []
     sdpa = sdpa_rows(run) if "sdpa" in sections else []
-    targets = target_rows(models, blocks, sdpa)
+    loops = loop_section(run, args.quick) if "loop" in sections else []
+    targets = target_rows(models, blocks, sdpa, loops)
     meta = {
         "device": device_slug(device),
         "description": device_description(device, threads),
@@ -1130,9 +1197,9 @@ def main(argv: list[str] | None = None) -> int:
         "min_repeat_s": sizes.min_repeat_s,
         "channels_last": args.channels_last,
     }
-    markdown = render_markdown(meta, models, blocks, sdpa, targets)
+    markdown = render_markdown(meta, models, blocks, sdpa, loops, targets)
     md_path, csv_path = write_report(
-        Path(args.out), meta["device"], markdown, [*models, *blocks, *sdpa, *targets]
+        Path(args.out), meta["device"], markdown, [*models, *blocks, *sdpa, *loops, *targets]
     )
     print(f"wrote {md_path} and {csv_path} in {meta['wall_s']:.0f} s", file=sys.stderr)
     print("\n".join(_target_summary(targets)))

@@ -6,10 +6,13 @@ counts), and that the explicit-matrix reference computes what the SDPA path comp
 """
 
 import csv
+import json
 
 import pytest
 import torch
+from test_tables import make_record
 
+from bench.loop_speed import full_runs
 from bench.speed import (
     BLOCKS,
     MICRO_BLOCKS,
@@ -92,12 +95,14 @@ def test_targets_and_markdown(report):
     markdown, rows = report
     targets = _section(rows, "target")
     names = {row["target"] for row in targets}
-    assert len(names) == 3
+    assert len(names) == 4
     assert all(row["verdict"].startswith(("met", "missed", "not")) for row in targets)
     # one target row per timed ours/timm pair (none excluded), per block shape, per SDPA block
     pairs = sum(len(UNITS) for block in BLOCKS if block not in ("none", "non_local")) * 2
-    assert len(targets) == pairs + len(MICRO_BLOCKS) * 4 + len(SDPA_BLOCKS)
-    for heading in ("## Targets", "## 1. Model throughput", "## 2. Blocks", "## 3. SDPA"):
+    loops = 1  # quick: the smoke protocol's plain net
+    assert len(targets) == pairs + len(MICRO_BLOCKS) * 4 + len(SDPA_BLOCKS) + loops
+    headings = ("## Targets", "## 1. Model throughput", "## 2. Blocks", "## 3. SDPA", "## 4.")
+    for heading in headings:
         assert heading in markdown
     for column in ("train ours/timm", "infer ours/timm", "time ours/timm", "time SDPA/explicit"):
         assert column in markdown
@@ -135,3 +140,39 @@ def test_timm_side_is_timms_own_attention_module():
     ours = build_ours(backbone, "se")
     assert count_params(ours) == count_params(theirs)
     assert build_timm(backbone, "non_local") is None
+
+
+def test_loop_row_times_a_real_run_against_its_model_alone(report):
+    markdown, rows = report
+    (loop,) = _section(rows, "loop")
+    assert (loop["protocol"], loop["block"], loop["batch"]) == ("smoke", "none", "16")
+    assert float(loop["loop_img_s"]) > 0 and float(loop["model_img_s"]) > 0
+    ratio = float(loop["loop_img_s"]) / float(loop["model_img_s"])
+    assert float(loop["loop_ratio"]) == pytest.approx(ratio, abs=2e-3)
+    assert loop["full_runs"] == "0" and loop["full_img_s"] == ""  # smoke runs are no results
+    assert "loop / model" in markdown
+
+
+def test_full_runs_are_the_same_protocol_version_precision_and_block(tmp_path):
+    def record(name, *, version=2, precision="bf16-mixed", blocks=(), epochs=3, rate=800.0):
+        r = make_record(name, 0, 85.0, 99.0, version=version)
+        r["config"]["trainer"] = {"precision": precision}
+        r.update(run_id=name, epochs=epochs, throughput=rate)
+        r["attention"] = [{"block": b} for b in blocks]
+        return r
+
+    records = [
+        record("a", rate=800.0),
+        record("b", rate=820.0),
+        record("old", version=None, rate=500.0),  # version 1
+        record("fp32", precision="32", rate=450.0),
+        record("se", blocks=("se",) * 9, rate=700.0),
+        record("cut", epochs=2, rate=900.0),  # stopped by the time guard
+    ]
+    root = tmp_path / "runs" / "cifar_blocks"
+    root.mkdir(parents=True)
+    for r in records:
+        (root / f"{r['run_id']}.json").write_text(json.dumps(r))
+    config = {"protocol": {"name": "cpu", "version": 2}, "trainer": {"precision": "bf16-mixed"}}
+    assert sorted(full_runs(tmp_path / "runs", config, "none")) == [800.0, 820.0]
+    assert full_runs(tmp_path / "runs", config, "se") == [700.0]
