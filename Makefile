@@ -73,8 +73,8 @@ costs: $(STAMP)  ## params/GMACs of every ablation variant without training -> c
 bench: $(STAMP)  ## speed report against timm -> results/bench/cpu.{md,csv} (~5 min on a quiet 2-core machine, up to ~15 under load; BENCH_ARGS=--quick)
 	$(PY) -m bench.speed $(BENCH_ARGS)
 
-cpu-protocol: $(STAMP)  ## the cpu protocol's own benchmark: ResNet-20 on the full CIFAR-10, ~15 min on 2 cores
-	$(PY) -m bench.train protocol=cpu attention=none
+cpu-protocol: $(STAMP)  ## the cpu protocol's own benchmark: ResNet-20 on the full CIFAR-10, ~13 min on 2 cores (the baseline run of cifar_blocks, same id)
+	$(PY) -m bench.train ablation=cifar_blocks protocol=cpu attention=none seed=0
 
 gpu-check: $(STAMP)  ## one GPU, <8 min: speed report + a cifar_fast run -> results/bench/gpu-<device>.md (GPU_CHECK_ARGS=--dry-run on a CPU)
 	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)

@@ -143,22 +143,22 @@ def resolve_precision(value: Any, accelerator: Any, cpuinfo: str | None = None) 
 # blocks) -> whether ``compile: auto`` compiles. A key that is not here was not measured
 # and stays eager (every GPU key, until ``bench.gpu_check --compile`` has run).
 #
-# CPU, measured with ``python -m bench.hardware --time --compile --steps 5`` on the
-# project's 2-core AMD EPYC (avx512_bf16), torch 2.14.1: ResNet-20, batch 256,
-# channels_last, bf16-mixed, eager and compiled steps interleaved, medians. Other jobs
-# shared the two cores (load 5-6), so absolute times are ~5-10x a quiet machine's and
-# the ratios are noisy. Seconds per step eager -> compiled; compile = the first compiled
-# training step + the first compiled eval forward (inductor's C++ builds):
-#   none   4.67 ->  8.90 (0.52x)  compile 101 + 21 s   never pays
-#   se     5.55 ->  2.89 (1.92x)  compile 164 + 39 s   repaid after ~76 steps
-#   eca    7.77 ->  6.29 (1.23x)  compile  85 + 32 s   repaid after ~80 steps
-#   cbam  15.48 -> 11.39 (1.36x)  compile 187 + 43 s   repaid after ~56 steps
-#   gc     1.23 ->  1.11 (1.12x)  compile 113 + 27 s   repaid after ~1,090 steps
-#   (a second, quieter run of none: 0.97 -> 0.94 s (1.04x), compile 7 + 1 s from
-#   inductor's on-disk cache: a repeated compile is cheap, the first one counts)
-# Rule: compile where the speed-up is at least 1.2x (beyond these measurements' noise)
-# and the compile time is repaid within 300 steps (a cpu-protocol run has 1,365). The cpu
-# protocol itself sets compile: false and precision 32, so this changes none of its runs.
+# CPU, measured on the project's 2-core AMD EPYC (avx512_bf16), torch 2.14.1, ResNet-20,
+# channels_last, bf16-mixed, eager and compiled steps interleaved, medians. Seconds per
+# step eager -> compiled; compile = the first compiled training step + the first compiled
+# eval forward (inductor's C++ builds).
+# Quiet machine (load < 1), batch 128 (the cpu protocol's), ``--steps 10``:
+#   none   0.147 -> 0.151 (0.97x)  compile 29 +  8 s   never pays
+#   se     0.170 -> 0.152 (1.12x)  compile 32 +  9 s   repaid after ~2,300 steps
+#   eca    0.188 -> 0.163 (1.15x)  compile 22 +  5 s   repaid after ~1,100 steps
+#   cbam   0.298 -> 0.188 (1.58x)  compile 51 + 15 s   repaid after ~600 steps
+# Shared machine (load 5-6; times ~5-10x the quiet ones, ratios noisy), batch 256,
+# ``--steps 5``: none 0.52x, se 1.92x, eca 1.23x, cbam 1.36x, gc 1.12x (compile 140 s,
+# repaid after ~1,090 steps); a repeated compile is cheap (inductor's on-disk cache), the
+# first one counts.
+# Rule: compile where a cpu-protocol run (13 epochs x 390 steps = 5,070) saves at least
+# twice the compile time: SE saves ~90 s for 41, ECA ~125 s for 27, CBAM ~560 s for 66.
+# GC was only measured on the shared machine, so it stays eager.
 COMPILE_PAYS: dict[tuple[str, str, str, str], bool] = {
     ("cpu", "bf16-mixed", "resnet20_cifar", "none"): False,
     ("cpu", "bf16-mixed", "resnet20_cifar", "se"): True,
