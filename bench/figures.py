@@ -207,14 +207,15 @@ class TrainedModel:
 
     @property
     def recipe(self) -> str:
-        """How it was trained, e.g. ``2 epochs (cpu protocol, max_epochs=2: SGD (Nesterov) lr
-        0.3, batch 256, 1 warmup epoch + cosine, label smoothing 0.1)``: the epochs trained
-        and the recipe, from the run's record and config."""
+        """How it was trained, e.g. ``13 epochs (cpu protocol v2, max_epochs=13: SGD
+        (Nesterov) lr 0.2, batch 128, 1 warmup epoch + cosine, label smoothing 0.1,
+        bf16-mixed)``: the epochs trained and the recipe, from the run's record and config."""
         config, record = self.config, self.record
         protocol = config.get("protocol", {}) or {}
         optim = config.get("optim", {}) or {}
         schedule = config.get("schedule", {}) or {}
-        parts = [f"{protocol.get('name', '?')} protocol"]
+        version = f" v{protocol['version']}" if protocol.get("version") else ""
+        parts = [f"{protocol.get('name', '?')} protocol{version}"]
         max_epochs = record.get("max_epochs") or config.get("trainer", {}).get("max_epochs")
         if max_epochs is not None:
             parts.append(f"max_epochs={max_epochs}")
@@ -233,6 +234,9 @@ class TrainedModel:
         smoothing = (config.get("loss", {}) or {}).get("label_smoothing")
         if smoothing:
             recipe.append(f"label smoothing {smoothing:g}")
+        precision = (config.get("trainer", {}) or {}).get("precision")
+        if precision is not None:
+            recipe.append("fp32" if str(precision) == "32" else str(precision))
         text = f"{record.get('epochs', '?')} epochs ({', '.join(parts)}"
         return text + (f": {', '.join(recipe)})" if recipe else ")")
 

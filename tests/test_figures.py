@@ -118,7 +118,8 @@ def test_exported_weights_load_into_the_model_of_their_record(tiny):
     assert not any(key.startswith("model.") for key in state)  # a plain state dict
     trained = tiny["models"]["se"]
     assert trained.label == "ResNet-20 + SE" and trained.block == "se" and trained.top1 == 41.0
-    assert trained.schedule.startswith("2 epochs (cpu protocol, max_epochs=2: SGD (Nesterov)")
+    assert trained.schedule.startswith("2 epochs (cpu protocol v2, max_epochs=2: SGD (Nesterov)")
+    assert trained.recipe.endswith(("bf16-mixed)", "fp32)"))  # the precision that ran
     assert "top-1 41.00%" in trained.schedule and trained.schedule.startswith(trained.recipe)
     note = figures.models_note(tiny["models"], ["none", "se"])
     assert note == f"{trained.recipe}\ntop-1: ResNet-20 40.00%, ResNet-20 + SE 41.00%"
