@@ -70,7 +70,7 @@ tables: $(STAMP)  ## results/runs/**.json -> results/tables/*.{md,csv,tex,png} +
 costs: $(STAMP)  ## params/GMACs of every ablation variant without training -> cost records + tables
 	$(PY) -m bench.costs
 
-bench: $(STAMP)  ## speed report against timm -> results/bench/cpu.{md,csv} (~5 min on a quiet 2-core machine, up to ~15 under load; BENCH_ARGS=--quick)
+bench: $(STAMP)  ## speed report against timm, and the cpu protocol's loop -> results/bench/cpu.{md,csv} (~8 min on a quiet 2-core machine, up to ~20 under load; BENCH_ARGS=--quick)
 	$(PY) -m bench.speed $(BENCH_ARGS)
 
 cpu-protocol: $(STAMP)  ## the cpu protocol's own benchmark: ResNet-20 on the full CIFAR-10, ~13 min on 2 cores (the baseline run of cifar_blocks, same id)

@@ -1,6 +1,6 @@
 """Speed report: the suite's attention blocks against timm's own, on the same machine.
 
-    python -m bench.speed                    # CPU, about 10 minutes on 2 cores
+    python -m bench.speed                    # CPU, about 8 minutes on 2 quiet cores
     python -m bench.speed --device cuda      # results/bench/gpu-<device name>.md
     python -m bench.speed --quick            # tiny sizes, seconds (what the test runs)
 
