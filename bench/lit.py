@@ -125,10 +125,14 @@ class LitClassifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val/acc5", self.val_acc5, on_epoch=True)
 
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The run's optimizer over the model's parameter groups (no schedule)."""
         cls, options = optimizer_spec(self.hparams.config["optim"])
         groups = param_groups(self.model, options.pop("weight_decay", 0.0))
-        optimizer = cls(groups, **options)
+        return cls(groups, **options)
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer()
         # estimated_stepping_batches sets up the train loader, which num_training_batches
         # needs; both already account for limit_train_batches and the number of devices.
         _ = self.trainer.estimated_stepping_batches

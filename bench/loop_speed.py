@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from bench.config import compose, optimizer_spec, resolve
-from bench.lit import LitClassifier, param_groups
+from bench.config import compose, resolve
+from bench.lit import LitClassifier
 from bench.records import load_records
 from bench.train import train
 
@@ -63,8 +63,7 @@ def model_step(config: dict[str, Any], num_classes: int, image_size: int) -> Cal
     torch.manual_seed(0)
     module = LitClassifier(config, num_classes=num_classes)
     module.setup("fit")  # compiles, as in the run, when trainer.compile is on
-    cls, options = optimizer_spec(config["optim"])
-    optimizer = cls(param_groups(module.model, options.pop("weight_decay", 0.0)), **options)
+    optimizer = module.build_optimizer()
     batch = config["protocol"]["batch_size"]
     x = torch.randn(batch, 3, image_size, image_size)
     y = torch.randint(0, num_classes, (batch,))
