@@ -69,7 +69,6 @@ import pickle
 import shutil
 import socket
 import urllib.error
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +85,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm.auto import tqdm
+
+from bench.atomic import temporary_twin
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def download_torchvision(name: str, root: Path) -> None:
     layout = DATASETS[name].torchvision
     root.mkdir(parents=True, exist_ok=True)
     target = root / layout.base_folder
-    tmp = _temporary_twin(target)
+    tmp = temporary_twin(target)
     try:
         layout(root=str(tmp), train=True, download=True)
         try:
@@ -298,12 +299,6 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(load_rgb(path)).transpose(2, 0, 1)
 
 
-def _temporary_twin(final: Path) -> Path:
-    """A unique sibling to write before renaming onto `final` (created with the umask's
-    permissions, unlike mkstemp's 0600, so a shared cache stays readable)."""
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-
-
 def cached_images(
     samples: Sequence[tuple[str, int]], folder: Path, tag: str, image_size: int
 ) -> tuple[np.ndarray, np.ndarray, Path]:
@@ -324,7 +319,7 @@ def cached_images(
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     if not images_path.exists():  # written last, so its presence means both are complete
         images_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_labels, tmp_images = _temporary_twin(labels_path), _temporary_twin(images_path)
+        tmp_labels, tmp_images = temporary_twin(labels_path), temporary_twin(images_path)
         try:
             with open(tmp_labels, "wb") as f:
                 np.save(f, labels, allow_pickle=False)

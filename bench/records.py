@@ -20,11 +20,9 @@ best), throughput, wall time, device, library versions and git commit, and a sta
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +37,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from bench.atomic import write_text_atomic
 
 SCHEMA_VERSION = 1
 
@@ -246,21 +246,7 @@ def is_complete(record: RunRecord | Mapping[str, Any]) -> bool:
 
 def write_record(path: str | os.PathLike, record: RunRecord | Mapping[str, Any]) -> Path:
     """Check ``record`` and write it to ``path`` atomically; returns the path."""
-    text = as_record(record).to_json()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, as_record(record).to_json())
 
 
 def read_record(path: str | os.PathLike) -> RunRecord:

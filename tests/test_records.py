@@ -1,6 +1,8 @@
 """Run records: schema, atomic writes, loading a tree with broken files, run ids."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -124,6 +126,16 @@ def test_crash_before_rename_leaves_the_old_record_and_no_debris(tmp_path, monke
     monkeypatch.undo()
     assert read_record(path)["top1"] == 70.0
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_record_permissions_follow_the_umask(tmp_path):
+    """Not mkstemp's 0600: a results folder shared by a team stays readable."""
+    old = os.umask(0o022)
+    try:
+        path = write_record(tmp_path / "x.json", make_record())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_invalid_record_is_refused_before_writing(tmp_path):
