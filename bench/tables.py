@@ -120,6 +120,7 @@ class Row:
     paper: dict = field(default_factory=dict)
     ref: str | None = None  # the paper's row in this table's setting
     commits: set = field(default_factory=set)  # the code versions its runs came from
+    precisions: set = field(default_factory=set)  # trainer.precision of its runs
     datasets: set = field(default_factory=set)
     # Our runs' dataset where it is the paper's (so a delta means something), else None.
     dataset: str | None = None
@@ -133,6 +134,9 @@ class Row:
     def add(self, record: Mapping) -> None:
         self.datasets.add(str(config_value(record["config"], "data.name")))
         self.commits.add(record.get("git_commit") or "unknown")
+        precision = config_value(record["config"], "trainer.precision")
+        if precision is not None:
+            self.precisions.add(str(precision))
         for name in ("params", "gmacs", "throughput", "top1", "top5", "best_top1", "best_top5"):
             value = record.get(name)
             if value is not None:
@@ -587,6 +591,14 @@ def _caption(table: Table) -> list[str]:
                 f"Runs from {len(commits)} commits ("
                 + ", ".join(c[:7] for c in commits)
                 + "): rows may differ by code as well as by variant; see the CSV's commits."
+            )
+        precisions = sorted({p for row in table.rows for p in row.precisions})
+        if len(precisions) > 1:
+            # precision: auto follows the machine (bf16-mixed where the CPU has native
+            # bf16), so one protocol's table can gather runs made at different precisions.
+            lines.append(
+                f"Runs at {len(precisions)} precisions ({', '.join(precisions)}): "
+                "rows may differ by numerics as well as by variant; see each run's record."
             )
     if table.unmatched:
         lines.append(f"{table.unmatched} record(s) matched no variant and are left out.")

@@ -409,6 +409,21 @@ def test_rows_from_several_commits_say_so(tmp_path):
     assert tables.to_csv(table).splitlines()[1].endswith("aaaaaaa bbbbbbb")
 
 
+def test_rows_at_several_precisions_say_so(tmp_path):
+    def at(precision, seed):
+        record = make_record("parallel", seed, 60.0 + seed, 90.0)
+        record["config"]["trainer"] = {"precision": precision}
+        record["run_id"] = run_id(record["config"])
+        return record
+
+    write_records(tmp_path, [at("bf16-mixed", 0), at("bf16-mixed", 1)])
+    (table,) = tables.build_tables(tables.load_records(tmp_path / "runs"))
+    assert "precisions" not in tables.to_markdown(table)
+    write_records(tmp_path, [at("32-true", 2)])
+    (table,) = tables.build_tables(tables.load_records(tmp_path / "runs"))
+    assert "Runs at 2 precisions (32-true, bf16-mixed)" in tables.to_markdown(table)
+
+
 def test_paper_numbers_only_in_the_papers_setting(tmp_path):
     """A plain ref applies in paper.settings; a mapping picks the paper's row per setting."""
 
