@@ -53,6 +53,9 @@ RUN_IRRELEVANT_KEYS = (
     "logger",
     "data.root",
     "data.download",
+    # Where the batches are gathered, not which: the resident path draws the same batches
+    # in the same order as the DataLoader path under one seed (tests/test_data.py).
+    "data.resident",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     # What a finished run leaves on disk (its final weights, its checkpoints or nothing).

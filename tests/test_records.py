@@ -191,6 +191,7 @@ def test_run_id_ignores_outputs_logging_and_loader_workers():
         "num_workers=7",
         "run_name=mine",
         "data.root=/mnt/data/cifar10",
+        "data.resident=true",  # no "+": every data file has the key
         "trainer.enable_progress_bar=false",
         "trainer.max_time=00:00:45:00",
         "verbose=true",
