@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from bench import records
+from bench import atomic, records
 from bench.config import compose, resolve
 from bench.records import (
     check_record,
@@ -120,7 +120,7 @@ def test_crash_before_rename_leaves_the_old_record_and_no_debris(tmp_path, monke
     def crash(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(records.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
         write_record(path, make_record(top1=90.0))
     monkeypatch.undo()
